@@ -1,0 +1,144 @@
+// CPU kernels of upsample_add and sum_pool2x2. Both layouts are native: the output is written in skip's
+// (or grad's) memory format, and an input in the other format is made dense in that one first.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "ops/cpu/cpu_utils.h"
+#include "ops/upsample_add.h"
+
+namespace fused_hourglass {
+namespace {
+
+using at::vec::Vectorized;
+
+// One NCHW output row pair source: out[2j] = skip[2j] + low[j], out[2j+1] = skip[2j+1] + low[j].
+template <typename scalar_t>
+void up2x_add_row(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    using Vec = Vectorized<float>;
+    for (; j + Vec::size() <= w; j += Vec::size()) {
+      const Vec l = Vec::loadu(low + j);
+      const auto [lo, hi] = at::vec::interleave2(l, l);
+      (Vec::loadu(skip + 2 * j) + lo).store(out + 2 * j);
+      (Vec::loadu(skip + 2 * j + Vec::size()) + hi).store(out + 2 * j + Vec::size());
+    }
+  }
+  for (; j < w; ++j) {
+    out[2 * j] = add_in<scalar_t, acc_t>(skip[2 * j], low[j]);
+    out[2 * j + 1] = add_in<scalar_t, acc_t>(skip[2 * j + 1], low[j]);
+  }
+}
+
+template <typename scalar_t>
+void upsample_add_nchw(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t nc, int64_t out_h,
+                       int64_t out_w) {
+  const int64_t rows = nc * out_h;
+  const int64_t grain = grain_for(out_w);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t src = up2x_source_nchw(r * out_w, out_h, out_w);
+      up2x_add_row(low + src, skip + r * out_w, out + r * out_w, out_w / 2);
+    }
+  });
+}
+
+template <typename scalar_t>
+void upsample_add_nhwc(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t n, int64_t c,
+                       int64_t out_h, int64_t out_w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pixels = n * out_h * out_w;
+  const int64_t grain = grain_for(c);
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* l = low + up2x_source_nhwc(p * c, c, out_h, out_w);
+      const scalar_t* s = skip + p * c;
+      scalar_t* o = out + p * c;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        at::vec::map2([](Vectorized<scalar_t> a, Vectorized<scalar_t> b) { return a + b; }, o, s, l, c);
+      } else {
+        for (int64_t ch = 0; ch < c; ++ch) o[ch] = add_in<scalar_t, acc_t>(s[ch], l[ch]);
+      }
+    }
+  });
+}
+
+at::Tensor upsample_add_cpu(const at::Tensor& low_in, const at::Tensor& skip_in) {
+  check_upsample_add(low_in, skip_in);
+  const auto fmt = output_memory_format(skip_in);
+  at::Tensor out = at::empty(skip_in.sizes(), skip_in.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  const at::Tensor skip = skip_in.contiguous(fmt);
+  const at::Tensor low = low_in.contiguous(fmt);
+  const int64_t n = skip.size(0), c = skip.size(1), out_h = skip.size(2), out_w = skip.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, skip.scalar_type(), "upsample_add_cpu", [&] {
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      upsample_add_nhwc(low.const_data_ptr<scalar_t>(), skip.const_data_ptr<scalar_t>(),
+                        out.mutable_data_ptr<scalar_t>(), n, c, out_h, out_w);
+    } else {
+      upsample_add_nchw(low.const_data_ptr<scalar_t>(), skip.const_data_ptr<scalar_t>(),
+                        out.mutable_data_ptr<scalar_t>(), n * c, out_h, out_w);
+    }
+  });
+  return out;
+}
+
+template <typename scalar_t>
+void sum_pool2x2_nchw(const scalar_t* in, scalar_t* out, int64_t nc, int64_t in_h, int64_t in_w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ph = in_h / 2, pw = in_w / 2;
+  const int64_t grain = grain_for(in_w * 2);
+  at::parallel_for(0, nc * ph, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* p = in + pool2x2_origin_nchw(r * pw, in_h, in_w);
+      scalar_t* o = out + r * pw;
+      for (int64_t x = 0; x < pw; ++x) o[x] = sum4<scalar_t, acc_t>(p + 2 * x, 1, in_w);
+    }
+  });
+}
+
+template <typename scalar_t>
+void sum_pool2x2_nhwc(const scalar_t* in, scalar_t* out, int64_t n, int64_t c, int64_t in_h, int64_t in_w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ph = in_h / 2, pw = in_w / 2;
+  const int64_t grain = grain_for(4 * c);
+  at::parallel_for(0, n * ph * pw, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const scalar_t* p = in + pool2x2_origin_nhwc(q * c, c, in_h, in_w);
+      scalar_t* o = out + q * c;
+      for (int64_t ch = 0; ch < c; ++ch) o[ch] = sum4<scalar_t, acc_t>(p + ch, c, in_w * c);
+    }
+  });
+}
+
+at::Tensor sum_pool2x2_cpu(const at::Tensor& grad_in) {
+  check_sum_pool2x2(grad_in);
+  const auto fmt = output_memory_format(grad_in);
+  const int64_t n = grad_in.size(0), c = grad_in.size(1), in_h = grad_in.size(2), in_w = grad_in.size(3);
+  at::Tensor out = at::empty({n, c, in_h / 2, in_w / 2}, grad_in.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  const at::Tensor grad = grad_in.contiguous(fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sum_pool2x2_cpu", [&] {
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      sum_pool2x2_nhwc(grad.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, c, in_h, in_w);
+    } else {
+      sum_pool2x2_nchw(grad.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n * c, in_h, in_w);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_hourglass, CPU, m) {
+  m.impl("upsample_add", &upsample_add_cpu);
+  m.impl("sum_pool2x2", &sum_pool2x2_cpu);
+}
+
+}  // namespace fused_hourglass

@@ -1,0 +1,47 @@
+"""Loading of the compiled ops and the fall-back policy shared by every op wrapper."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing registers the ops with the dispatcher)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # a source checkout without a build, or an ABI mismatch
+    EXTENSION_ERROR = str(exc)
+
+HAS_EXTENSION = EXTENSION_ERROR is None
+NAMESPACE = "fused_hourglass"
+
+_warned: set[tuple[str, str]] = set()
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether `fused_hourglass::op` has a compiled kernel for tensors on `device_type` ('cpu', 'cuda')."""
+    if not HAS_EXTENSION:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key)
+
+
+def use_kernel(op: str, device: torch.device) -> bool:
+    """True when the compiled kernel serves `device`; otherwise warns once per (op, device type) and returns
+    False so the caller runs the plain-PyTorch reference."""
+    if has_kernel(op, device.type):
+        return True
+    if (op, device.type) not in _warned:
+        _warned.add((op, device.type))
+        why = EXTENSION_ERROR if not HAS_EXTENSION else f"the extension was built without {device.type} kernels"
+        warnings.warn(f"fused_hourglass.ops.{op}: compiled kernel unavailable ({why}); "
+                      "using the plain-PyTorch reference instead", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The output layout rule of every op (kept in step with output_memory_format in csrc/ops/common.h)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

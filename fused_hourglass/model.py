@@ -1,0 +1,99 @@
+"""The public, drop-in stacked hourglass: the reference network's module tree and state dict, with its
+forward routed through the fused ops.
+
+Backends:
+  "reference"  plain PyTorch, exactly `fused_hourglass.reference`.
+  "fused"      the compiled C++/CUDA ops (`fused_hourglass.ops`) around ATen/cuDNN convolutions.
+  "auto"       "fused" when the extension has kernels for the input's device, else "reference".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import _ext, ops, reference
+from .checkpoint import check_compatible, infer_config, read_state_dict
+
+BACKENDS = ("auto", "reference", "fused")
+
+
+class Hourglass(reference.Hourglass):
+    """Reference hourglass whose merge `up1 + up2(low3)` is one `upsample_add` when fused."""
+
+    fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        up1 = self.up1(x)
+        low3 = self.low3(self.low2(self.low1(self.pool1(x))))
+        return ops.upsample_add(low3, up1)
+
+
+class StackedHourglass(reference.StackedHourglass):
+    """Stacked hourglass (Newell et al., 2016) with the constructor and state dict of the published port.
+
+    Args:
+        nstack, inp_dim, oup_dim, bn, increase: as the port's `PoseNet`.
+        backend: "auto" (default), "fused" or "reference"; see the module docstring. May be changed later
+            through the `backend` attribute.
+        input_format: "NCHW" (default) or "NHWC" (the port's convention).
+    Input [B, 3, H, W] with H, W multiples of 64; output [B, nstack, oup_dim, H/4, W/4].
+    """
+
+    hourglass_cls = Hourglass
+
+    def __init__(self, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 16, bn: bool = False, increase: int = 0,
+                 *, backend: str = "auto", input_format: str = "NCHW") -> None:
+        super().__init__(nstack, inp_dim, oup_dim, bn, increase, input_format=input_format)
+        self.config = {"nstack": nstack, "inp_dim": inp_dim, "oup_dim": oup_dim, "increase": increase}
+        self.backend = backend
+        self._active: str | None = None
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"StackedHourglass: backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def resolve_backend(self, device: torch.device) -> str:
+        """The backend a forward on `device` runs."""
+        if self._backend != "auto":
+            return self._backend
+        return "fused" if _ext.has_kernel("upsample_add", device.type) else "reference"
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        reference.check_input(imgs, self.input_format)
+        active = self.resolve_backend(imgs.device)
+        if active != self._active:
+            for m in self.modules():
+                if isinstance(m, Hourglass):
+                    m.fused = active == "fused"
+            self._active = active
+        return super().forward(imgs)
+
+    @classmethod
+    def from_checkpoint(cls, source: str | os.PathLike | Mapping[str, Any], **kwargs: Any) -> StackedHourglass:
+        """Build a model from the port's released checkpoints ({'state_dict', 'optimizer', 'epoch'} with keys
+        prefixed `model.module.`), a bare state dict, or our own checkpoints (path or loaded object).
+        nstack, inp_dim, oup_dim and increase are read off the tensors; other keyword arguments (backend,
+        input_format) go to the constructor."""
+        state = read_state_dict(source)
+        config = infer_config(state)
+        clash = {k: v for k, v in kwargs.items() if k in config and v != config[k]}
+        if clash:
+            name, value = next(iter(clash.items()))
+            raise ValueError(f"from_checkpoint: {name}={value!r} was given but the checkpoint has "
+                             f"{name}={config[name]!r}")
+        model = cls(**{**config, **kwargs})
+        check_compatible(model, state)
+        model.load_state_dict(state)
+        return model

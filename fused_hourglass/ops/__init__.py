@@ -1,0 +1,7 @@
+"""Fused ops. Each is a compiled `torch.ops.fused_hourglass.*` op with a fake implementation and autograd,
+and falls back to its plain-PyTorch twin in `fused_hourglass.reference.ops` (with a one-time warning) when
+the extension or a kernel for the tensor's device is missing."""
+
+from .upsample_add import sum_pool2x2, upsample_add
+
+__all__ = ["upsample_add", "sum_pool2x2"]
