@@ -19,6 +19,7 @@ NAMESPACE = "fused_hourglass"
 _warned: set[tuple[str, str]] = set()
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether `fused_hourglass::op` has a compiled kernel for tensors on `device_type` ('cpu', 'cuda')."""
     if not HAS_EXTENSION:
@@ -27,9 +28,11 @@ def has_kernel(op: str, device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key)
 
 
+@torch.compiler.assume_constant_result
 def use_kernel(op: str, device: torch.device) -> bool:
     """True when the compiled kernel serves `device`; otherwise warns once per (op, device type) and returns
-    False so the caller runs the plain-PyTorch reference."""
+    False so the caller runs the plain-PyTorch reference. Under torch.compile it is evaluated once, at trace
+    time, and the choice is a constant of the graph."""
     if has_kernel(op, device.type):
         return True
     if (op, device.type) not in _warned:
