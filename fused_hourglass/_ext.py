@@ -48,3 +48,11 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def registered_ops() -> list[str]:
+    """Names of the compiled ops in the `fused_hourglass` namespace."""
+    if not HAS_EXTENSION:
+        return []
+    prefix = f"{NAMESPACE}::"
+    return [name[len(prefix):] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix)]

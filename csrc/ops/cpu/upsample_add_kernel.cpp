@@ -3,8 +3,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -14,34 +12,41 @@
 namespace fused_hourglass {
 namespace {
 
-using at::vec::Vectorized;
+// Hot loops are plain restrict-qualified loops: GCC vectorises them at -O3 for the baseline ISA, and
+// target_clones adds an AVX2 copy picked at load time, so the build stays portable.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define FH_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FH_CPU_CLONES
+#endif
 
-// One NCHW output row pair source: out[2j] = skip[2j] + low[j], out[2j+1] = skip[2j+1] + low[j].
+// One NCHW output row: out[2j] = skip[2j] + low[j], out[2j+1] = skip[2j+1] + low[j].
 template <typename scalar_t>
-void up2x_add_row(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t w) {
+FH_CPU_CLONES void up2x_add_row(const scalar_t* __restrict__ low, const scalar_t* __restrict__ skip,
+                                scalar_t* __restrict__ out, int64_t w) {
   using acc_t = at::opmath_type<scalar_t>;
-  int64_t j = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    using Vec = Vectorized<float>;
-    for (; j + Vec::size() <= w; j += Vec::size()) {
-      const Vec l = Vec::loadu(low + j);
-      const auto [lo, hi] = at::vec::interleave2(l, l);
-      (Vec::loadu(skip + 2 * j) + lo).store(out + 2 * j);
-      (Vec::loadu(skip + 2 * j + Vec::size()) + hi).store(out + 2 * j + Vec::size());
-    }
-  }
-  for (; j < w; ++j) {
+  for (int64_t j = 0; j < w; ++j) {
     out[2 * j] = add_in<scalar_t, acc_t>(skip[2 * j], low[j]);
     out[2 * j + 1] = add_in<scalar_t, acc_t>(skip[2 * j + 1], low[j]);
+  }
+}
+
+// Two horizontally adjacent NHWC output pixels that share one low pixel: o0 = s0 + l, o1 = s1 + l over C.
+template <typename scalar_t>
+FH_CPU_CLONES void up2x_add_pixel_pair(const scalar_t* __restrict__ low, const scalar_t* __restrict__ s0,
+                                       const scalar_t* __restrict__ s1, scalar_t* __restrict__ o0,
+                                       scalar_t* __restrict__ o1, int64_t c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    o0[ch] = add_in<scalar_t, acc_t>(s0[ch], low[ch]);
+    o1[ch] = add_in<scalar_t, acc_t>(s1[ch], low[ch]);
   }
 }
 
 template <typename scalar_t>
 void upsample_add_nchw(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t nc, int64_t out_h,
                        int64_t out_w) {
-  const int64_t rows = nc * out_h;
-  const int64_t grain = grain_for(out_w);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nc * out_h, grain_for(out_w), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t src = up2x_source_nchw(r * out_w, out_h, out_w);
       up2x_add_row(low + src, skip + r * out_w, out + r * out_w, out_w / 2);
@@ -52,19 +57,13 @@ void upsample_add_nchw(const scalar_t* low, const scalar_t* skip, scalar_t* out,
 template <typename scalar_t>
 void upsample_add_nhwc(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t n, int64_t c,
                        int64_t out_h, int64_t out_w) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t pixels = n * out_h * out_w;
-  const int64_t grain = grain_for(c);
-  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* l = low + up2x_source_nhwc(p * c, c, out_h, out_w);
-      const scalar_t* s = skip + p * c;
-      scalar_t* o = out + p * c;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        at::vec::map2([](Vectorized<scalar_t> a, Vectorized<scalar_t> b) { return a + b; }, o, s, l, c);
-      } else {
-        for (int64_t ch = 0; ch < c; ++ch) o[ch] = add_in<scalar_t, acc_t>(s[ch], l[ch]);
-      }
+  // Work item: one pair of output pixels (2x, 2x+1) in one output row, fed by one low pixel.
+  const int64_t pairs = n * out_h * (out_w / 2);
+  at::parallel_for(0, pairs, grain_for(2 * c), [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t first = 2 * q * c;  // element offset of the pair's left pixel in skip / out
+      up2x_add_pixel_pair(low + up2x_source_nhwc(first, c, out_h, out_w), skip + first, skip + first + c,
+                          out + first, out + first + c, c);
     }
   });
 }
@@ -90,29 +89,38 @@ at::Tensor upsample_add_cpu(const at::Tensor& low_in, const at::Tensor& skip_in)
 }
 
 template <typename scalar_t>
-void sum_pool2x2_nchw(const scalar_t* in, scalar_t* out, int64_t nc, int64_t in_h, int64_t in_w) {
+FH_CPU_CLONES void sum_pool2x2_row(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t pw,
+                                   int64_t in_w) {
   using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t x = 0; x < pw; ++x) out[x] = sum4<scalar_t, acc_t>(in + 2 * x, 1, in_w);
+}
+
+template <typename scalar_t>
+FH_CPU_CLONES void sum_pool2x2_pixel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t c,
+                                     int64_t in_w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t ch = 0; ch < c; ++ch) out[ch] = sum4<scalar_t, acc_t>(in + ch, c, in_w * c);
+}
+
+template <typename scalar_t>
+void sum_pool2x2_nchw(const scalar_t* in, scalar_t* out, int64_t nc, int64_t in_h, int64_t in_w) {
   const int64_t ph = in_h / 2, pw = in_w / 2;
   const int64_t grain = grain_for(in_w * 2);
   at::parallel_for(0, nc * ph, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* p = in + pool2x2_origin_nchw(r * pw, in_h, in_w);
-      scalar_t* o = out + r * pw;
-      for (int64_t x = 0; x < pw; ++x) o[x] = sum4<scalar_t, acc_t>(p + 2 * x, 1, in_w);
+      sum_pool2x2_row(p, out + r * pw, pw, in_w);
     }
   });
 }
 
 template <typename scalar_t>
 void sum_pool2x2_nhwc(const scalar_t* in, scalar_t* out, int64_t n, int64_t c, int64_t in_h, int64_t in_w) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t ph = in_h / 2, pw = in_w / 2;
   const int64_t grain = grain_for(4 * c);
   at::parallel_for(0, n * ph * pw, grain, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
-      const scalar_t* p = in + pool2x2_origin_nhwc(q * c, c, in_h, in_w);
-      scalar_t* o = out + q * c;
-      for (int64_t ch = 0; ch < c; ++ch) o[ch] = sum4<scalar_t, acc_t>(p + ch, c, in_w * c);
+      sum_pool2x2_pixel(in + pool2x2_origin_nhwc(q * c, c, in_h, in_w), out + q * c, c, in_w);
     }
   });
 }

@@ -1,0 +1,96 @@
+"""Command line: `python -m fused_hourglass info | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from . import _ext
+
+
+def _build_info() -> dict:
+    try:
+        from . import _build_info as info
+    except ImportError:
+        return {}
+    return {"with_cuda": info.WITH_CUDA, "archs": info.CUDA_ARCHS, "torch": info.TORCH_VERSION}
+
+
+def _triton_status() -> str:
+    try:
+        import triton
+    except ImportError as exc:
+        return f"not importable ({exc})"
+    return f"{triton.__version__} (kernels need a CUDA device; TRITON_INTERPRET=1 runs them on the CPU)"
+
+
+def _time_forward(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median wall time of one forward pass, in milliseconds."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            model(x)
+            sync()
+            if i:  # the first call pays one-time costs (allocator, oneDNN primitive creation)
+                times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def info(args: argparse.Namespace) -> int:
+    from . import StackedHourglass, __version__
+
+    build = _build_info()
+    print(f"fused_hourglass {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+          f"{torch.get_num_threads()} CPU threads")
+    if _ext.HAS_EXTENSION:
+        archs = build.get("archs") or "-"
+        print(f"extension: built against torch {build.get('torch', '?')}; CUDA kernels "
+              f"{'compiled for ' + archs if build.get('with_cuda') else 'not compiled'}")
+    else:
+        print(f"extension: NOT available ({_ext.EXTENSION_ERROR}); every op runs its plain-PyTorch reference")
+    ops = sorted({name for name in _ext.registered_ops()})
+    for device in ("cpu", "cuda"):
+        have = [op for op in ops if _ext.has_kernel(op, device)]
+        print(f"  {device} kernels: {', '.join(have) if have else 'none'}")
+    print(f"triton: {_triton_status()}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}")
+
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    print(f"forward, eval mode, StackedHourglass(nstack={args.nstack}, inp_dim={args.inp_dim}, oup_dim=16), "
+          f"input {list(x.shape)}, median of {args.repeats}:")
+    model = StackedHourglass(args.nstack, args.inp_dim, 16).to(device).eval()
+    results = {}
+    for backend in ("reference", "auto"):
+        model.backend = backend
+        results[backend] = _time_forward(model, x, args.repeats)
+        label = f"auto → {model.resolve_backend(device)}" if backend == "auto" else backend
+        print(f"  {label:<18} {results[backend]:9.2f} ms")
+    print(f"  speed-up of auto over reference: {results['reference'] / results['auto']:.2f}×")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_hourglass", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="what was built, and a timed forward of a small model")
+    p_info.add_argument("--nstack", type=int, default=2)
+    p_info.add_argument("--inp-dim", type=int, default=128)
+    p_info.add_argument("--size", type=int, default=128, help="input side in pixels, a multiple of 64")
+    p_info.add_argument("--batch", type=int, default=2)
+    p_info.add_argument("--repeats", type=int, default=5)
+    p_info.set_defaults(func=info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Benchmark cases shared by `benchmarks/` (pytest-benchmark) and `python -m fused_hourglass bench`.
+
+A case is one op at one shape and layout, with its implementations side by side: the fused op, eager
+PyTorch, `torch.compile` of the eager code, and a plain copy of the same bytes, the yardstick of a
+memory-bound op. Ratios to the copy are what to read: absolute times depend on the machine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+from .reference import ops as reference
+
+LAYOUTS = ("nchw", "channels_last")
+HOURGLASS_SIDES = (8, 16, 32, 64)
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@dataclass
+class Case:
+    """One op at one shape: `impls` maps a name to a function of `inputs()`; `copy` is the memory yardstick."""
+
+    op: str
+    label: str
+    inputs: Callable[[], tuple]
+    impls: dict[str, Callable]
+    bytes_moved: int
+    reference_impl: str = "eager"
+    extra: dict = field(default_factory=dict)
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def compiled(name: str, fn: Callable) -> Callable:
+    """torch.compile of `fn`, built once per name so every case of an op shares the compiled function."""
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn)
+    return _compiled[name]
+
+
+def upsample_add_cases(n: int = 4, c: int = 256, sides=HOURGLASS_SIDES, layouts=LAYOUTS,
+                       dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[Case]:
+    cases = []
+    for side in sides:
+        for layout in layouts:
+            def inputs(side=side, layout=layout):
+                g = torch.Generator().manual_seed(0)
+                low = torch.randn(n, c, side // 2, side // 2, generator=g, dtype=dtype)
+                skip = torch.randn(n, c, side, side, generator=g, dtype=dtype)
+                return to_layout(low, layout).to(device), to_layout(skip, layout).to(device)
+
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            out_bytes = n * c * side * side * itemsize
+            cases.append(Case(
+                op="upsample_add", label=f"N={n} C={c} skip {side}px {layout}", inputs=inputs,
+                impls={
+                    "fused": ops.upsample_add,
+                    "eager": reference.upsample_add,
+                    "compile": compiled("upsample_add", reference.upsample_add),
+                    "copy": lambda low, skip: skip.clone(),
+                },
+                # read skip + read low (a quarter of skip) + write out
+                bytes_moved=int(out_bytes * 2.25),
+            ))
+    return cases
+
+
+def time_call(fn: Callable, args: tuple, min_seconds: float = 0.3, max_repeats: int = 200) -> float:
+    """Fastest of repeated calls (the least disturbed by other load), after one warm-up call; repeats until
+    `min_seconds` have passed."""
+    sync = torch.cuda.synchronize if any(getattr(a, "is_cuda", False) for a in args) else (lambda: None)
+    fn(*args)
+    sync()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < 5 or (time.perf_counter() - start < min_seconds and len(samples) < max_repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return min(samples)
+
+
+def run_cases(cases: list[Case], min_seconds: float = 0.3, out=print) -> list[dict]:
+    """Time every implementation of every case; print a table of times and ratios to the copy."""
+    rows = []
+    for case in cases:
+        args = case.inputs()
+        times = {name: time_call(fn, args, min_seconds) for name, fn in case.impls.items()}
+        base = times.get("copy")
+        row = {"op": case.op, "case": case.label, "times_ms": {k: v * 1e3 for k, v in times.items()},
+               "bytes_moved": case.bytes_moved}
+        if "fused" in times:
+            row["fused_GBps"] = case.bytes_moved / times["fused"] / 1e9
+        rows.append(row)
+        cells = "  ".join(f"{name} {t * 1e3:8.3f} ms" + (f" ({t / base:5.2f}× copy)" if base else "")
+                          for name, t in times.items())
+        extra = f"  fused {row['fused_GBps']:.1f} GB/s" if "fused_GBps" in row else ""
+        out(f"{case.op:<14} {case.label:<34} {cells}{extra}")
+    return rows
