@@ -78,6 +78,17 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from . import benchmarking
+
+    sides = tuple(int(s) for s in args.sides.split(","))
+    cases = benchmarking.upsample_add_cases(n=args.batch, c=args.channels, sides=sides)
+    print(f"CPU threads: {torch.get_num_threads()}; fastest of repeated calls; ratios are to a copy of the "
+          "same output bytes")
+    benchmarking.run_cases(cases, min_seconds=args.seconds)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_hourglass", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--batch", type=int, default=2)
     p_info.add_argument("--repeats", type=int, default=5)
     p_info.set_defaults(func=info)
+    p_bench = sub.add_parser("bench", help="fused ops vs eager vs torch.compile vs a plain copy, side by side")
+    p_bench.add_argument("--batch", type=int, default=4)
+    p_bench.add_argument("--channels", type=int, default=256)
+    p_bench.add_argument("--sides", default="8,16,32,64", help="comma-separated output sides in pixels")
+    p_bench.add_argument("--seconds", type=float, default=0.3, help="minimum timing per implementation")
+    p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)
 
