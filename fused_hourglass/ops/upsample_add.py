@@ -44,18 +44,18 @@ def upsample_add(low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     Returns:
         [N, C, 2h, 2w] in skip's memory format (channels_last if skip is channels_last).
     """
+    if isinstance(low, torch.Tensor) and isinstance(skip, torch.Tensor) and _ext.use_kernel("upsample_add", skip.device):
+        return torch.ops.fused_hourglass.upsample_add.default(low, skip)  # checks its arguments itself
     _check_upsample_add(low, skip)
-    if _ext.use_kernel("upsample_add", skip.device):
-        return torch.ops.fused_hourglass.upsample_add.default(low, skip)
     return reference.upsample_add(low, skip)
 
 
 def sum_pool2x2(grad: torch.Tensor) -> torch.Tensor:
     """2×2, stride-2 sum pool of [N, C, H, W] (H, W even) → [N, C, H/2, W/2]; the gradient of upsample_add
     with respect to `low`."""
+    if isinstance(grad, torch.Tensor) and _ext.use_kernel("sum_pool2x2", grad.device):
+        return torch.ops.fused_hourglass.sum_pool2x2.default(grad)  # checks its arguments itself
     _check_sum_pool2x2(grad)
-    if _ext.use_kernel("sum_pool2x2", grad.device):
-        return torch.ops.fused_hourglass.sum_pool2x2.default(grad)
     return reference.sum_pool2x2(grad)
 
 

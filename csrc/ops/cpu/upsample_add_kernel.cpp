@@ -20,36 +20,47 @@ namespace {
 #define FH_CPU_CLONES
 #endif
 
-// One NCHW output row: out[2j] = skip[2j] + low[j], out[2j+1] = skip[2j+1] + low[j].
+// One NCHW plane (n, c): out[oh][2j + k] = skip[oh][2j + k] + low[oh / 2][j], k ∈ {0, 1}.
 template <typename scalar_t>
-FH_CPU_CLONES void up2x_add_row(const scalar_t* __restrict__ low, const scalar_t* __restrict__ skip,
-                                scalar_t* __restrict__ out, int64_t w) {
+FH_CPU_CLONES void up2x_add_plane(const scalar_t* __restrict__ low, const scalar_t* __restrict__ skip,
+                                  scalar_t* __restrict__ out, int64_t out_h, int64_t out_w) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t j = 0; j < w; ++j) {
-    out[2 * j] = add_in<scalar_t, acc_t>(skip[2 * j], low[j]);
-    out[2 * j + 1] = add_in<scalar_t, acc_t>(skip[2 * j + 1], low[j]);
+  const int64_t w = out_w / 2;
+  for (int64_t oh = 0; oh < out_h; ++oh) {
+    const scalar_t* l = low + (oh / 2) * w;
+    const scalar_t* s = skip + oh * out_w;
+    scalar_t* o = out + oh * out_w;
+    for (int64_t j = 0; j < w; ++j) {
+      o[2 * j] = add_in<scalar_t, acc_t>(s[2 * j], l[j]);
+      o[2 * j + 1] = add_in<scalar_t, acc_t>(s[2 * j + 1], l[j]);
+    }
   }
 }
 
-// Two horizontally adjacent NHWC output pixels that share one low pixel: o0 = s0 + l, o1 = s1 + l over C.
+// One NHWC output row (n, oh): pixels 2x and 2x + 1 both add low pixel x, over all C channels.
 template <typename scalar_t>
-FH_CPU_CLONES void up2x_add_pixel_pair(const scalar_t* __restrict__ low, const scalar_t* __restrict__ s0,
-                                       const scalar_t* __restrict__ s1, scalar_t* __restrict__ o0,
-                                       scalar_t* __restrict__ o1, int64_t c) {
+FH_CPU_CLONES void up2x_add_row_nhwc(const scalar_t* __restrict__ low, const scalar_t* __restrict__ skip,
+                                     scalar_t* __restrict__ out, int64_t out_w, int64_t c) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t ch = 0; ch < c; ++ch) {
-    o0[ch] = add_in<scalar_t, acc_t>(s0[ch], low[ch]);
-    o1[ch] = add_in<scalar_t, acc_t>(s1[ch], low[ch]);
+  for (int64_t x = 0; x < out_w / 2; ++x) {
+    const scalar_t* l = low + x * c;
+    const scalar_t* s = skip + 2 * x * c;
+    scalar_t* o = out + 2 * x * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      o[ch] = add_in<scalar_t, acc_t>(s[ch], l[ch]);
+      o[c + ch] = add_in<scalar_t, acc_t>(s[c + ch], l[ch]);
+    }
   }
 }
 
 template <typename scalar_t>
 void upsample_add_nchw(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t nc, int64_t out_h,
                        int64_t out_w) {
-  at::parallel_for(0, nc * out_h, grain_for(out_w), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t src = up2x_source_nchw(r * out_w, out_h, out_w);
-      up2x_add_row(low + src, skip + r * out_w, out + r * out_w, out_w / 2);
+  const int64_t plane = out_h * out_w;
+  at::parallel_for(0, nc, grain_for(plane), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      up2x_add_plane(low + up2x_source_nchw(p * plane, out_h, out_w), skip + p * plane, out + p * plane, out_h,
+                     out_w);
     }
   });
 }
@@ -57,13 +68,10 @@ void upsample_add_nchw(const scalar_t* low, const scalar_t* skip, scalar_t* out,
 template <typename scalar_t>
 void upsample_add_nhwc(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t n, int64_t c,
                        int64_t out_h, int64_t out_w) {
-  // Work item: one pair of output pixels (2x, 2x+1) in one output row, fed by one low pixel.
-  const int64_t pairs = n * out_h * (out_w / 2);
-  at::parallel_for(0, pairs, grain_for(2 * c), [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t first = 2 * q * c;  // element offset of the pair's left pixel in skip / out
-      up2x_add_pixel_pair(low + up2x_source_nhwc(first, c, out_h, out_w), skip + first, skip + first + c,
-                          out + first, out + first + c, c);
+  const int64_t row = out_w * c;
+  at::parallel_for(0, n * out_h, grain_for(row), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      up2x_add_row_nhwc(low + up2x_source_nhwc(r * row, c, out_h, out_w), skip + r * row, out + r * row, out_w, c);
     }
   });
 }
