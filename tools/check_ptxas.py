@@ -54,7 +54,7 @@ def main() -> int:
     names = demangle([r["kernel"] for r in rows])
     failed = False
     print(f"{'arch':<6} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}  kernel")
-    for r, name in zip(rows, names):
+    for r, name in zip(rows, names, strict=True):
         spill = r["spill_stores"] or r["spill_loads"]
         failed |= bool(spill)
         short = name if len(name) <= 110 else name[:107] + "..."

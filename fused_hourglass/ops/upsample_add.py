@@ -44,7 +44,8 @@ def upsample_add(low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     Returns:
         [N, C, 2h, 2w] in skip's memory format (channels_last if skip is channels_last).
     """
-    if isinstance(low, torch.Tensor) and isinstance(skip, torch.Tensor) and _ext.use_kernel("upsample_add", skip.device):
+    tensors = isinstance(low, torch.Tensor) and isinstance(skip, torch.Tensor)
+    if tensors and _ext.use_kernel("upsample_add", skip.device):
         return torch.ops.fused_hourglass.upsample_add.default(low, skip)  # checks its arguments itself
     _check_upsample_add(low, skip)
     return reference.upsample_add(low, skip)
