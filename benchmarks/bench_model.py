@@ -1,0 +1,78 @@
+"""Whole model on the CPU: the public StackedHourglass (backend "auto") vs the plain-PyTorch reference (eager)
+vs torch.compile of the reference; eval forward and one training step (forward, loss, backward, SGD step).
+
+    pytest benchmarks/bench_model.py --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median
+
+torch.compile of the whole network takes minutes on a 2-core CPU, so with benchmarks disabled (the smoke run
+of the test suite) the compile rows are skipped; they run under --benchmark-only.
+"""
+
+import pytest
+import torch
+
+from fused_hourglass import HeatmapLoss, StackedHourglass, reference
+
+CONFIG = {"nstack": 2, "inp_dim": 128, "oup_dim": 16}
+BATCH, SIDE = 2, 128
+
+
+def _models(impl):
+    torch.manual_seed(0)
+    ref = reference.StackedHourglass(**CONFIG)
+    if impl == "fused":
+        model = StackedHourglass(**CONFIG, backend="auto")
+        model.load_state_dict(ref.state_dict())
+        return model, ref
+    if impl == "compile":
+        return torch.compile(ref), ref
+    return ref, ref
+
+
+def _inputs(layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 3, SIDE, SIDE, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.rand(BATCH, CONFIG["oup_dim"], SIDE // 4, SIDE // 4, generator=g)
+    return x, target
+
+
+def _skip_compile_in_smoke_mode(benchmark, impl):
+    if impl == "compile" and benchmark.disabled:
+        pytest.skip("torch.compile of the whole model takes minutes here; it runs under --benchmark-only")
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_forward_eval(benchmark, impl, layout):
+    _skip_compile_in_smoke_mode(benchmark, impl)
+    benchmark.group = f"model forward eval {layout}"
+    model, ref = _models(impl)
+    model.eval()
+    ref.eval()
+    x, _ = _inputs(layout)
+    with torch.no_grad():
+        out = benchmark(model, x)
+        torch.testing.assert_close(out, ref(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_train_step(benchmark, impl, layout):
+    _skip_compile_in_smoke_mode(benchmark, impl)
+    benchmark.group = f"model training step {layout}"
+    model, _ = _models(impl)
+    model.train()
+    x, target = _inputs(layout)
+    loss_fn = HeatmapLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    loss = benchmark(step)
+    assert torch.isfinite(loss)
