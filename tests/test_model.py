@@ -78,3 +78,13 @@ def test_fused_backend_routes_through_upsample_add(monkeypatch):
     model.backend = "reference"
     model(torch.randn(1, 3, 64, 64))
     assert calls == []
+
+
+def test_fused_model_under_torch_compile():
+    model = StackedHourglass(1, 16, 4, backend="fused").eval()
+    ref = reference.StackedHourglass(1, 16, 4).eval()
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
