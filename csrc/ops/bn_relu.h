@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <string>
 #include <utility>
 
 #include "ops/common.h"
@@ -18,11 +19,13 @@
 namespace fused_hourglass {
 
 // Welford state of `count` values of one channel, taken relative to the channel's pivot (see welford_pivot):
-// `mean` is their mean minus the pivot, m2 the sum of squared deviations from their mean.
+// `mean` is their mean minus the pivot, m2 the sum of squared deviations from their mean, and `nonfinite` the
+// sum of the values that are ±inf or NaN (0 when all are finite; see welford_nonfinite).
 template <typename acc_t>
 struct WelfordState {
   acc_t mean;
   acc_t m2;
+  acc_t nonfinite;
   int64_t count;
 };
 
@@ -46,6 +49,14 @@ FH_HOST_DEVICE inline void welford_step(acc_t& mean, acc_t& m2, acc_t x, acc_t i
   m2 += d * (x - mean);
 }
 
+// Welford's running mean turns NaN at the first finite value after an infinite one (inf + (−inf)·1/k), where
+// the plain mean Σx/M that F.batch_norm reports stays ±inf. The non-finite values are therefore also summed on
+// their own, and that sum, when not zero, is the channel's mean: ±inf, or NaN for NaN or mixed-sign infinities.
+template <typename acc_t>
+FH_HOST_DEVICE inline acc_t welford_nonfinite(acc_t x) {
+  return x - x == acc_t(0) ? acc_t(0) : x;
+}
+
 // Chan et al.'s pairwise merge of two Welford states. The mean is moved by the weighted difference of the
 // two means rather than recomputed from sums, so large means do not cancel.
 template <typename acc_t>
@@ -59,6 +70,7 @@ FH_HOST_DEVICE inline WelfordState<acc_t> welford_merge(const WelfordState<acc_t
   WelfordState<acc_t> out;
   out.mean = a.mean + delta * nb_over_n;
   out.m2 = a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * nb_over_n;
+  out.nonfinite = a.nonfinite + b.nonfinite;
   out.count = n;
   return out;
 }
@@ -68,7 +80,7 @@ FH_HOST_DEVICE inline WelfordState<acc_t> welford_merge(const WelfordState<acc_t
 template <typename acc_t>
 FH_HOST_DEVICE inline void welford_finalize(const WelfordState<acc_t>& s, acc_t pivot, acc_t eps, acc_t& mean,
                                             acc_t& var, acc_t& invstd) {
-  mean = s.count > 0 ? pivot + s.mean : acc_t(NAN);
+  mean = s.count == 0 ? acc_t(NAN) : s.nonfinite == acc_t(0) ? pivot + s.mean : s.nonfinite;
   var = s.count > 0 ? s.m2 / static_cast<acc_t>(s.count) : acc_t(NAN);
   invstd = acc_t(1) / std::sqrt(var + eps);
 }
@@ -122,11 +134,14 @@ inline at::ScalarType stats_dtype(const at::Tensor& u) {
   return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// "torch.float32", as Python prints a dtype, so the C++ and Python messages read the same.
+inline std::string dtype_str(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
 inline void check_channel_vector(const at::Tensor& v, const at::Tensor& u, const char* op, const char* name) {
   TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == u.size(1), op, ": ", name, " must be 1-D with ", u.size(1),
                     " elements (the channels of u), got shape ", shape_str(v));
-  TORCH_CHECK_TYPE(v.scalar_type() == stats_dtype(u), op, ": ", name, " must be ", stats_dtype(u),
-                   " (the statistics dtype of ", u.scalar_type(), " u), got ", v.scalar_type());
+  TORCH_CHECK_TYPE(v.scalar_type() == stats_dtype(u), op, ": ", name, " must be ", dtype_str(stats_dtype(u)),
+                   " (the statistics dtype of ", dtype_str(u.scalar_type()), " u), got ", dtype_str(v.scalar_type()));
   TORCH_CHECK_VALUE(v.device() == u.device(), op, ": ", name, " and u must be on the same device, got ", name,
                     " on ", v.device(), " and u on ", u.device());
 }

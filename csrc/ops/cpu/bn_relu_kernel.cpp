@@ -45,21 +45,29 @@ Geometry geometry_of(const at::Tensor& u, at::MemoryFormat fmt) {
 
 template <typename scalar_t, typename acc_t>
 WelfordState<acc_t> welford_plane(const scalar_t* __restrict__ p, int64_t len, acc_t pivot) {
-  acc_t mean[kLanes] = {}, m2[kLanes] = {};
+  acc_t mean[kLanes] = {}, m2[kLanes] = {}, nonfinite[kLanes] = {};
   const int64_t steps = len / kLanes;
   for (int64_t k = 0; k < steps; ++k) {
     const acc_t inv_k = acc_t(1) / static_cast<acc_t>(k + 1);
     const scalar_t* q = p + k * kLanes;
-    for (int64_t l = 0; l < kLanes; ++l) welford_step(mean[l], m2[l], static_cast<acc_t>(q[l]) - pivot, inv_k);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t x = static_cast<acc_t>(q[l]) - pivot;
+      welford_step(mean[l], m2[l], x, inv_k);
+      nonfinite[l] += welford_nonfinite(x);
+    }
   }
-  WelfordState<acc_t> s{acc_t(0), acc_t(0), 0};
+  WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
   if (steps > 0) {
-    for (int64_t l = 0; l < kLanes; ++l) s = welford_merge(s, WelfordState<acc_t>{mean[l], m2[l], steps});
+    for (int64_t l = 0; l < kLanes; ++l) {
+      s = welford_merge(s, WelfordState<acc_t>{mean[l], m2[l], nonfinite[l], steps});
+    }
   }
-  WelfordState<acc_t> tail{acc_t(0), acc_t(0), 0};
+  WelfordState<acc_t> tail{acc_t(0), acc_t(0), acc_t(0), 0};
   for (int64_t i = steps * kLanes; i < len; ++i) {
+    const acc_t x = static_cast<acc_t>(p[i]) - pivot;
     tail.count += 1;
-    welford_step(tail.mean, tail.m2, static_cast<acc_t>(p[i]) - pivot, acc_t(1) / static_cast<acc_t>(tail.count));
+    welford_step(tail.mean, tail.m2, x, acc_t(1) / static_cast<acc_t>(tail.count));
+    tail.nonfinite += welford_nonfinite(x);
   }
   return welford_merge(s, tail);
 }
@@ -69,15 +77,20 @@ WelfordState<acc_t> welford_plane(const scalar_t* __restrict__ p, int64_t len, a
 template <typename scalar_t, typename acc_t>
 void welford_rows(const scalar_t* __restrict__ u, int64_t c, int64_t r0, int64_t r1, const acc_t* __restrict__ pivot,
                   WelfordState<acc_t>* out) {
-  std::vector<acc_t> mean_buf(c, acc_t(0)), m2_buf(c, acc_t(0));
-  acc_t* __restrict__ mean = mean_buf.data();
-  acc_t* __restrict__ m2 = m2_buf.data();
+  std::vector<acc_t> buf(3 * c, acc_t(0));
+  acc_t* __restrict__ mean = buf.data();
+  acc_t* __restrict__ m2 = mean + c;
+  acc_t* __restrict__ nonfinite = m2 + c;
   for (int64_t r = r0; r < r1; ++r) {
     const acc_t inv_k = acc_t(1) / static_cast<acc_t>(r - r0 + 1);
     const scalar_t* __restrict__ row = u + r * c;
-    for (int64_t ch = 0; ch < c; ++ch) welford_step(mean[ch], m2[ch], static_cast<acc_t>(row[ch]) - pivot[ch], inv_k);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const acc_t x = static_cast<acc_t>(row[ch]) - pivot[ch];
+      welford_step(mean[ch], m2[ch], x, inv_k);
+      nonfinite[ch] += welford_nonfinite(x);
+    }
   }
-  for (int64_t ch = 0; ch < c; ++ch) out[ch] = {mean[ch], m2[ch], r1 - r0};
+  for (int64_t ch = 0; ch < c; ++ch) out[ch] = {mean[ch], m2[ch], nonfinite[ch], r1 - r0};
 }
 
 template <typename scalar_t>
@@ -110,7 +123,7 @@ void bn_stats_impl(const at::Tensor& u, const Geometry& g, double eps, at::Tenso
   acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
   at::parallel_for(0, g.c, grain_for(parts), [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
-      WelfordState<acc_t> s{acc_t(0), acc_t(0), 0};
+      WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
       for (int64_t p = 0; p < parts; ++p) s = welford_merge(s, partial[p * g.c + ch]);
       welford_finalize(s, pivot[ch], static_cast<acc_t>(eps), mean_p[ch], var_p[ch], invstd_p[ch]);
     }

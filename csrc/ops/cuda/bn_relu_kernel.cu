@@ -90,14 +90,16 @@ struct StatsOp {
   static __device__ StatsOp make(const Params& p, int64_t c) {
     return {welford_pivot(static_cast<acc_t>(p.u[c * p.channel_stride]))};
   }
-  static __device__ State identity() { return {acc_t(0), acc_t(0), 0}; }
-  __device__ void add(State& s, acc_t x, acc_t) const {
+  static __device__ State identity() { return {acc_t(0), acc_t(0), acc_t(0), 0}; }
+  __device__ void add(State& s, acc_t u, acc_t) const {
+    const acc_t x = u - pivot;
     s.count += 1;
-    welford_step(s.mean, s.m2, x - pivot, acc_t(1) / static_cast<acc_t>(s.count));
+    welford_step(s.mean, s.m2, x, acc_t(1) / static_cast<acc_t>(s.count));
+    s.nonfinite += welford_nonfinite(x);
   }
   static __device__ State merge(const State& a, const State& b) { return welford_merge(a, b); }
   static __device__ State shuffle(const State& s, int delta) {
-    return {shfl_down(s.mean, delta), shfl_down(s.m2, delta), shfl_down(s.count, delta)};
+    return {shfl_down(s.mean, delta), shfl_down(s.m2, delta), shfl_down(s.nonfinite, delta), shfl_down(s.count, delta)};
   }
   static __device__ void finish(const Params& p, int64_t c, const State& s) {
     welford_finalize(s, make(p, c).pivot, p.eps, p.mean[c], p.var[c], p.invstd[c]);
