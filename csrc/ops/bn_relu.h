@@ -107,12 +107,12 @@ FH_HOST_DEVICE inline acc_t relu_grad(acc_t dr, acc_t y) {
 
 // Per-channel constants of the training-mode input gradient
 //   du = scale·(dz − Σdz/M − x̂·Σdz·x̂/M) = scale·(dz − a − (u − mean)·b),
-// with a = Σdz/M and b = invstd·Σdz·x̂/M. (u − mean) is formed per element, never folded into a constant:
+// with a = Σdz/M and b = invstd·Σdz·x̂/M; inv_m = 1/M comes from the caller, computed once per launch (a
+// float64 division on the GPU is a subroutine call). (u − mean) is formed per element, never folded into a constant:
 // folding would cancel catastrophically for channels with |mean| ≫ std.
 template <typename acc_t>
-FH_HOST_DEVICE inline void bn_backward_coefs(acc_t sum_dz, acc_t sum_dz_xhat, acc_t invstd, int64_t m, acc_t& a,
+FH_HOST_DEVICE inline void bn_backward_coefs(acc_t sum_dz, acc_t sum_dz_xhat, acc_t invstd, acc_t inv_m, acc_t& a,
                                              acc_t& b) {
-  const acc_t inv_m = acc_t(1) / static_cast<acc_t>(m);
   a = sum_dz * inv_m;
   b = invstd * sum_dz_xhat * inv_m;
 }

@@ -10,25 +10,33 @@
 
 namespace fused_hourglass {
 
-// Position (0..3, row-major: top-left, top-right, bottom-left, bottom-right) of the value F.max_pool2d picks
-// in a window: a value replaces the running maximum when it is strictly greater or NaN. Hence among equal
-// maxima the first wins, a NaN beats every number, and among several NaNs the last one wins.
+// The value F.max_pool2d picks in a window and its position `best` (0..3, row-major: top-left, top-right,
+// bottom-left, bottom-right): a value replaces the running maximum when it is strictly greater or NaN. Hence
+// among equal maxima the first wins, a NaN beats every number, and among several NaNs the last one wins.
+// Written as selects, not branches, so the CPU loops over windows vectorise.
 template <typename acc_t>
-FH_HOST_DEVICE inline int argmax4(acc_t v0, acc_t v1, acc_t v2, acc_t v3) {
-  int best = 0;
+FH_HOST_DEVICE inline acc_t max4(acc_t v0, acc_t v1, acc_t v2, acc_t v3, int& best) {
   acc_t m = v0;
-  if (v1 > m || v1 != v1) { best = 1; m = v1; }
-  if (v2 > m || v2 != v2) { best = 2; m = v2; }
-  if (v3 > m || v3 != v3) { best = 3; }
-  return best;
+  best = 0;
+  const bool t1 = v1 > m || v1 != v1;
+  m = t1 ? v1 : m;
+  best = t1 ? 1 : best;
+  const bool t2 = v2 > m || v2 != v2;
+  m = t2 ? v2 : m;
+  best = t2 ? 2 : best;
+  const bool t3 = v3 > m || v3 != v3;
+  m = t3 ? v3 : m;
+  best = t3 ? 3 : best;
+  return m;
 }
 
-// The window whose top-left tap is p, with taps at p, p + dx, p + dy, p + dy + dx.
+// The window whose top-left tap is p, with taps at p, p + dx, p + dy, p + dy + dx: its maximum, exactly one of
+// the four values (the conversion to opmath and back is exact), and the maximum's position.
 template <typename scalar_t>
-FH_HOST_DEVICE inline int window_argmax(const scalar_t* p, int64_t dx, int64_t dy) {
+FH_HOST_DEVICE inline scalar_t window_max(const scalar_t* p, int64_t dx, int64_t dy, int& best) {
   using acc_t = at::opmath_type<scalar_t>;
-  return argmax4<acc_t>(static_cast<acc_t>(p[0]), static_cast<acc_t>(p[dx]), static_cast<acc_t>(p[dy]),
-                        static_cast<acc_t>(p[dy + dx]));
+  return static_cast<scalar_t>(max4<acc_t>(static_cast<acc_t>(p[0]), static_cast<acc_t>(p[dx]),
+                                           static_cast<acc_t>(p[dy]), static_cast<acc_t>(p[dy + dx]), best));
 }
 
 FH_HOST_DEVICE inline int64_t tap_offset(int k, int64_t dx, int64_t dy) { return (k & 1) * dx + (k >> 1) * dy; }

@@ -342,8 +342,9 @@ void bn_relu_backward_apply_impl(const at::Tensor& dr, const at::Tensor& u, cons
     const acc_t* is = invstd->const_data_ptr<acc_t>();
     const acc_t* sdz = sum_dz->const_data_ptr<acc_t>();
     const acc_t* sdzx = sum_dz_xhat->const_data_ptr<acc_t>();
+    const acc_t inv_m = acc_t(1) / static_cast<acc_t>(g.m);
     for (int64_t ch = 0; ch < g.c; ++ch) {
-      bn_backward_coefs(sdz[ch], sdzx[ch], is[ch], g.m, a_buf[ch], b_buf[ch]);
+      bn_backward_coefs(sdz[ch], sdzx[ch], is[ch], inv_m, a_buf[ch], b_buf[ch]);
       mean_buf[ch] = mu[ch];
     }
   }

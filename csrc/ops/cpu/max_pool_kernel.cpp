@@ -1,5 +1,5 @@
-// CPU kernels of max_pool2x2 and its argmax-recomputing backward. Both layouts are native: NCHW walks output
-// rows, channels_last walks output pixels with the channel as the contiguous inner axis.
+// CPU kernels of max_pool2x2 and its argmax-recomputing backward. Both layouts are native: NCHW walks pairs of
+// input rows, channels_last walks output pixels with the channel as the contiguous (vectorised) inner axis.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -11,25 +11,49 @@
 namespace fused_hourglass {
 namespace {
 
-// Calls body(q, window, dx, dy) for every output element q (its offset in the dense output) with `window` the
-// offset of its top-left tap in the dense input and dx, dy the tap steps.
-template <typename Body>
-void for_each_window(bool channels_last, int64_t n, int64_t c, int64_t in_h, int64_t in_w, const Body& body) {
+// Calls row(out_offset, in_offset, count, dx, dy) over runs of `count` windows whose top-left taps are
+// in_offset + j·step (step = 2 in NCHW, 1 in channels_last) and whose outputs are out_offset + j.
+template <typename Row>
+void for_each_window_run(bool channels_last, int64_t n, int64_t c, int64_t in_h, int64_t in_w, const Row& row) {
   const int64_t ph = in_h / 2, pw = in_w / 2;
   if (channels_last) {
     at::parallel_for(0, n * ph * pw, grain_for(4 * c), [&](int64_t begin, int64_t end) {
-      for (int64_t pix = begin; pix < end; ++pix) {
-        const int64_t origin = pool2x2_origin_nhwc(pix * c, c, in_h, in_w);
-        for (int64_t ch = 0; ch < c; ++ch) body(pix * c + ch, origin + ch, c, in_w * c);
-      }
+      for (int64_t pix = begin; pix < end; ++pix) row(pix * c, pool2x2_origin_nhwc(pix * c, c, in_h, in_w), c, c, in_w * c);
     });
   } else {
     at::parallel_for(0, n * c * ph, grain_for(2 * in_w), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t origin = pool2x2_origin_nchw(r * pw, in_h, in_w);
-        for (int64_t x = 0; x < pw; ++x) body(r * pw + x, origin + 2 * x, int64_t{1}, in_w);
-      }
+      for (int64_t r = begin; r < end; ++r) row(r * pw, pool2x2_origin_nchw(r * pw, in_h, in_w), pw, int64_t{1}, in_w);
     });
+  }
+}
+
+// In a run, window j starts at in + j·step: step = 2 and dx = 1 in NCHW, step = 1 and dx = C in channels_last.
+// Both are compile-time in NCHW so its stride-2 loads vectorise as such.
+template <bool kChannelsLast, typename scalar_t>
+void pool_run(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t count, int64_t dx_in, int64_t dy) {
+  const int64_t step = kChannelsLast ? 1 : 2, dx = kChannelsLast ? dx_in : 1;
+  for (int64_t j = 0; j < count; ++j) {
+    int best;
+    out[j] = window_max(in + j * step, dx, dy, best);
+  }
+}
+
+template <bool kChannelsLast, typename scalar_t>
+void unpool_run(const scalar_t* __restrict__ in, const scalar_t* __restrict__ grad, scalar_t* __restrict__ dx_out,
+                int64_t count, int64_t dx_in, int64_t dy) {
+  const int64_t step = kChannelsLast ? 1 : 2, dx = kChannelsLast ? dx_in : 1;
+  const scalar_t zero(0);
+  // Windows tile the input exactly (even H and W), so every element of dx is written once: the window's
+  // gradient at its argmax, zero at the other three taps.
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t o = j * step;
+    int best;
+    window_max(in + o, dx, dy, best);
+    const scalar_t g = grad[j];
+    dx_out[o] = best == 0 ? g : zero;
+    dx_out[o + dx] = best == 1 ? g : zero;
+    dx_out[o + dy] = best == 2 ? g : zero;
+    dx_out[o + dy + dx] = best == 3 ? g : zero;
   }
 }
 
@@ -43,11 +67,10 @@ at::Tensor max_pool2x2_cpu(const at::Tensor& x_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2x2_cpu", [&] {
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for_each_window(fmt == at::MemoryFormat::ChannelsLast, n, c, in_h, in_w,
-                    [&](int64_t q, int64_t w, int64_t dx, int64_t dy) {
-                      const scalar_t* p = in + w;
-                      o[q] = p[tap_offset(window_argmax(p, dx, dy), dx, dy)];
-                    });
+    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+    for_each_window_run(cl, n, c, in_h, in_w, [&](int64_t q, int64_t w, int64_t count, int64_t dx, int64_t dy) {
+      cl ? pool_run<true>(in + w, o + q, count, dx, dy) : pool_run<false>(in + w, o + q, count, dx, dy);
+    });
   });
   return out;
 }
@@ -63,13 +86,10 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* d = dx_out.mutable_data_ptr<scalar_t>();
-    // Windows tile the input exactly (even H and W), so every element of dx is written once: the window's
-    // gradient at its argmax, zero at the other three taps.
-    for_each_window(fmt == at::MemoryFormat::ChannelsLast, n, c, in_h, in_w,
-                    [&](int64_t q, int64_t w, int64_t dx, int64_t dy) {
-                      const int k = window_argmax(in + w, dx, dy);
-                      for (int t = 0; t < 4; ++t) d[w + tap_offset(t, dx, dy)] = t == k ? g[q] : scalar_t(0);
-                    });
+    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+    for_each_window_run(cl, n, c, in_h, in_w, [&](int64_t q, int64_t w, int64_t count, int64_t dx, int64_t dy) {
+      cl ? unpool_run<true>(in + w, g + q, d + w, count, dx, dy) : unpool_run<false>(in + w, g + q, d + w, count, dx, dy);
+    });
   });
   return dx_out;
 }

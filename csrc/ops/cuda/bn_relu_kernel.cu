@@ -301,7 +301,7 @@ struct TrainGradParams {
   const acc_t* invstd;
   const acc_t* sum_dz;
   const acc_t* sum_dz_xhat;
-  int64_t m;
+  acc_t inv_m;  // 1/M
 };
 
 template <typename scalar_t, int V, bool kTraining>
@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) bn_relu_backward_apply_kernel(
       const acc_t xv = static_cast<acc_t>(x.v[v]), dv = static_cast<acc_t>(d.v[v]);
       if constexpr (kTraining) {
         acc_t a, b;
-        bn_backward_coefs(train.sum_dz[ch], train.sum_dz_xhat[ch], train.invstd[ch], train.m, a, b);
+        bn_backward_coefs(train.sum_dz[ch], train.sum_dz_xhat[ch], train.invstd[ch], train.inv_m, a, b);
         r.v[v] = static_cast<scalar_t>(bn_relu_grad_train(dv, xv, scale[ch], shift[ch], train.mean[ch], a, b));
       } else {
         r.v[v] = static_cast<scalar_t>(bn_relu_grad_eval(dv, xv, scale[ch], shift[ch]));
@@ -470,10 +470,11 @@ at::Tensor bn_relu_backward_apply_cuda(const at::Tensor& grad_in, const at::Tens
     scalar_t* gp = du.mutable_data_ptr<scalar_t>();
     const acc_t* sc = scale.const_data_ptr<acc_t>();
     const acc_t* sh = shift.const_data_ptr<acc_t>();
-    TrainGradParams<acc_t> train{nullptr, nullptr, nullptr, nullptr, m};
+    const acc_t inv_m = acc_t(1) / static_cast<acc_t>(m);
+    TrainGradParams<acc_t> train{nullptr, nullptr, nullptr, nullptr, inv_m};
     if (training) {
       train = {mean_c.const_data_ptr<acc_t>(), invstd_c.const_data_ptr<acc_t>(), sdz_c.const_data_ptr<acc_t>(),
-               sdzx_c.const_data_ptr<acc_t>(), m};
+               sdzx_c.const_data_ptr<acc_t>(), inv_m};
     }
     const bool packed = can_pack<scalar_t>(channel, {dp, up, gp});
     const int blocks = blocks_for(packed ? numel / V : numel);
