@@ -19,6 +19,8 @@ NAMESPACE = "fused_hourglass"
 _warned: set[tuple[str, str]] = set()
 
 
+# A fixed property of the loaded library: torch.compile evaluates it once while tracing instead of breaking the
+# graph on the dispatcher query (which returns a bool, not a tensor).
 @torch.compiler.assume_constant_result
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether `fused_hourglass::op` has a compiled kernel for tensors on `device_type` ('cpu', 'cuda')."""

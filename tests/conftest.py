@@ -1,13 +1,21 @@
+"""Shared test settings: hypothesis profile sized for a 2-core CPU, skip markers, and the guard that turns a
+missing extension into an error when FH_REQUIRE_EXTENSION=1 (CI), so a broken build cannot pass as skips."""
+
 import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 from fused_hourglass import _ext
 
+settings.register_profile("fh", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("fh")
+
 requires_extension = pytest.mark.skipif(not _ext.HAS_EXTENSION,
-                                        reason=f"compiled extension not built: {_ext.EXTENSION_ERROR}")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+                                        reason=f"fused_hourglass._C is not built: {_ext.EXTENSION_ERROR}")
+requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_kernel("bn_relu_apply", "cuda")),
+                                   reason="needs a CUDA device and the extension built with CUDA kernels")
 
 
 @pytest.fixture(autouse=True)

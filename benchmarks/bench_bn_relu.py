@@ -1,0 +1,107 @@
+"""CPU throughput of bn_relu (training) and max_pool2x2 against eager PyTorch, torch.compile of it, and a plain
+copy of the input (`u.clone()`, the memory-traffic yardstick: one read and one write of u).
+
+Each configuration's rows share a pytest-benchmark group. Default: N = 4, C ∈ {128, 256}, 16 and 64 px, both
+layouts; FH_BENCH_FULL=1 sweeps 8/16/32/64 px. The torch.compile rows only run when timing (--benchmark-only):
+compiling takes far longer than the smoke mode (--benchmark-disable) should.
+
+    pytest benchmarks/bench_bn_relu.py --benchmark-only -k "C256-64px"
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_hourglass.ops import BatchNormReLU2d, max_pool2x2
+
+N = 4
+CHANNELS = (128, 256)
+SIDES = (8, 16, 32, 64) if os.environ.get("FH_BENCH_FULL") == "1" else (16, 64)
+LAYOUTS = ("nchw", "channels_last")
+
+config = pytest.mark.parametrize(("c", "side", "layout"), [
+    pytest.param(c, s, lay, id=f"C{c}-{s}px-{lay}") for c in CHANNELS for s in SIDES for lay in LAYOUTS])
+
+
+def make_u(c: int, side: int, layout: str, requires_grad: bool = False) -> torch.Tensor:
+    u = torch.randn(N, c, side, side, generator=torch.Generator().manual_seed(0))
+    if layout == "channels_last":
+        u = u.contiguous(memory_format=torch.channels_last)
+    return u.requires_grad_(requires_grad)
+
+
+def eager_bn_relu(c: int) -> nn.Module:
+    return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+
+
+def bn_relu_impl(impl: str, c: int, benchmark):
+    if impl == "fused":
+        return BatchNormReLU2d(c)
+    if impl == "eager":
+        return eager_bn_relu(c)
+    if impl == "compiled":
+        if benchmark.disabled:
+            pytest.skip("torch.compile rows are timed only with --benchmark-only")
+        return torch.compile(eager_bn_relu(c), dynamic=False)
+    return torch.clone
+
+
+IMPLS = ("fused", "eager", "compiled", "clone")
+
+
+@config
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bn_relu_forward(benchmark, impl, c, side, layout):
+    benchmark.group = f"bn_relu training forward, C={c} {side}px {layout}"
+    fn = bn_relu_impl(impl, c, benchmark)
+    u = make_u(c, side, layout)
+    fn(u)  # warm-up (and compilation)
+    out = benchmark(fn, u)
+    assert out.shape == u.shape
+
+
+@config
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bn_relu_forward_backward(benchmark, impl, c, side, layout):
+    benchmark.group = f"bn_relu training forward+backward, C={c} {side}px {layout}"
+    fn = bn_relu_impl(impl, c, benchmark)
+    u = make_u(c, side, layout, requires_grad=impl != "clone")
+    grad = torch.randn_like(u)
+
+    def step():
+        if impl == "clone":
+            return fn(u)
+        u.grad = None
+        y = fn(u)
+        y.backward(grad)
+        return y
+
+    step()
+    out = benchmark(step)
+    assert out.shape == u.shape
+
+
+@config
+@pytest.mark.parametrize("impl", ("fused", "eager", "clone"))
+def test_max_pool_forward_backward(benchmark, impl, c, side, layout):
+    benchmark.group = f"max_pool2x2 forward+backward, C={c} {side}px {layout}"
+    x = make_u(c, side, layout, requires_grad=impl != "clone")
+    pool = max_pool2x2 if impl == "fused" else (lambda t: F.max_pool2d(t, 2, 2))
+    grad = torch.randn(N, c, side // 2, side // 2)
+
+    def step():
+        if impl == "clone":
+            return x.clone()
+        x.grad = None
+        y = pool(x)
+        y.backward(grad)
+        return x.grad
+
+    step()
+    out = benchmark(step)
+    assert out.shape == x.shape

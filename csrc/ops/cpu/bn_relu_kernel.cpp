@@ -1,0 +1,441 @@
+// CPU kernels of the BN-ReLU ops. Both layouts are native: NCHW works plane by plane (one (n, c) plane is a
+// contiguous run of H·W values of one channel), channels_last works on blocks of pixel rows with the channel as
+// the contiguous, vectorised axis. Inner loops are plain loops over independent lanes calling the shared
+// arithmetic of ops/bn_relu.h, written so the compiler vectorises them.
+//
+// Reductions are deterministic and independent of the thread count: the partition into partials (planes or
+// fixed row blocks) depends only on the shape, and partials are merged per channel in index order.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/fill.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "ops/bn_relu.h"
+#include "ops/cpu/cpu_utils.h"
+
+namespace fused_hourglass {
+namespace {
+
+// Independent accumulation lanes over a contiguous NCHW plane: wide enough for 4 SSE or 2 AVX-512 registers of
+// float, so the lane loop vectorises and the loop-carried dependency chain is split 16 ways.
+constexpr int64_t kLanes = 16;
+
+// Rows (pixels) per channels_last partial: about 32 K values, whose per-channel state stays in L1.
+inline int64_t rows_per_block(int64_t c) { return grain_for(c); }
+
+struct Geometry {
+  int64_t n, c, hw, m;
+  bool channels_last;
+  int64_t partials() const { return channels_last ? (m + rows_per_block(c) - 1) / rows_per_block(c) : n; }
+};
+
+Geometry geometry_of(const at::Tensor& u, at::MemoryFormat fmt) {
+  const int64_t n = u.size(0), c = u.size(1), hw = u.size(2) * u.size(3);
+  return {n, c, hw, n * hw, fmt == at::MemoryFormat::ChannelsLast};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bn_stats
+
+template <typename scalar_t, typename acc_t>
+WelfordState<acc_t> welford_plane(const scalar_t* __restrict__ p, int64_t len, acc_t pivot) {
+  acc_t mean[kLanes] = {}, m2[kLanes] = {}, nonfinite[kLanes] = {};
+  const int64_t steps = len / kLanes;
+  for (int64_t k = 0; k < steps; ++k) {
+    const acc_t inv_k = acc_t(1) / static_cast<acc_t>(k + 1);
+    const scalar_t* q = p + k * kLanes;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t x = static_cast<acc_t>(q[l]) - pivot;
+      welford_step(mean[l], m2[l], x, inv_k);
+      nonfinite[l] += welford_nonfinite(x);
+    }
+  }
+  WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
+  if (steps > 0) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      s = welford_merge(s, WelfordState<acc_t>{mean[l], m2[l], nonfinite[l], steps});
+    }
+  }
+  WelfordState<acc_t> tail{acc_t(0), acc_t(0), acc_t(0), 0};
+  for (int64_t i = steps * kLanes; i < len; ++i) {
+    const acc_t x = static_cast<acc_t>(p[i]) - pivot;
+    tail.count += 1;
+    welford_step(tail.mean, tail.m2, x, acc_t(1) / static_cast<acc_t>(tail.count));
+    tail.nonfinite += welford_nonfinite(x);
+  }
+  return welford_merge(s, tail);
+}
+
+// One channels_last partial: rows [r0, r1) of the [M, C] matrix, a Welford lane per channel. Every lane has
+// seen the same number of rows, so they share inv_k.
+template <typename scalar_t, typename acc_t>
+void welford_rows(const scalar_t* __restrict__ u, int64_t c, int64_t r0, int64_t r1, const acc_t* __restrict__ pivot,
+                  WelfordState<acc_t>* out) {
+  std::vector<acc_t> buf(3 * c, acc_t(0));
+  acc_t* __restrict__ mean = buf.data();
+  acc_t* __restrict__ m2 = mean + c;
+  acc_t* __restrict__ nonfinite = m2 + c;
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t inv_k = acc_t(1) / static_cast<acc_t>(r - r0 + 1);
+    const scalar_t* __restrict__ row = u + r * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const acc_t x = static_cast<acc_t>(row[ch]) - pivot[ch];
+      welford_step(mean[ch], m2[ch], x, inv_k);
+      nonfinite[ch] += welford_nonfinite(x);
+    }
+  }
+  for (int64_t ch = 0; ch < c; ++ch) out[ch] = {mean[ch], m2[ch], nonfinite[ch], r1 - r0};
+}
+
+template <typename scalar_t>
+void bn_stats_impl(const at::Tensor& u, const Geometry& g, double eps, at::Tensor& mean, at::Tensor& var,
+                   at::Tensor& invstd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* data = u.const_data_ptr<scalar_t>();
+  const int64_t parts = g.partials();
+  // The first value of each channel: (n, h, w) = (0, 0, 0).
+  std::vector<acc_t> pivot(g.c);
+  for (int64_t ch = 0; ch < g.c; ++ch) {
+    pivot[ch] = welford_pivot(static_cast<acc_t>(data[g.channels_last ? ch : ch * g.hw]));
+  }
+  // partial[p·C + c]: the Welford state of channel c over partial p (plane n, or channels_last row block p).
+  std::vector<WelfordState<acc_t>> partial(parts * g.c);
+  if (g.channels_last) {
+    const int64_t rows = rows_per_block(g.c);
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        welford_rows(data, g.c, p * rows, std::min(g.m, (p + 1) * rows), pivot.data(), partial.data() + p * g.c);
+      }
+    });
+  } else {
+    at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) partial[plane] = welford_plane<scalar_t, acc_t>(data + plane * g.hw, g.hw, pivot[plane % g.c]);
+    });
+  }
+  acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
+  acc_t* var_p = var.mutable_data_ptr<acc_t>();
+  acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, g.c, grain_for(parts), [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
+      for (int64_t p = 0; p < parts; ++p) s = welford_merge(s, partial[p * g.c + ch]);
+      welford_finalize(s, pivot[ch], static_cast<acc_t>(eps), mean_p[ch], var_p[ch], invstd_p[ch]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& u_in, double eps) {
+  check_bn_stats(u_in);
+  const auto opts = u_in.options().dtype(stats_dtype(u_in));
+  at::Tensor mean = at::empty({u_in.size(1)}, opts);
+  at::Tensor var = at::empty({u_in.size(1)}, opts);
+  at::Tensor invstd = at::empty({u_in.size(1)}, opts);
+  if (u_in.numel() == 0) {
+    // No values: the statistics of an empty channel are undefined (NaN), see welford_finalize.
+    mean.fill_(NAN);
+    var.fill_(NAN);
+    invstd.fill_(NAN);
+    return {mean, var, invstd};
+  }
+  const auto fmt = output_memory_format(u_in);
+  const at::Tensor u = u_in.contiguous(fmt);
+  const Geometry g = geometry_of(u, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "bn_stats_cpu",
+                                  [&] { bn_stats_impl<scalar_t>(u, g, eps, mean, var, invstd); });
+  return {mean, var, invstd};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bn_relu_apply
+
+template <typename scalar_t>
+void bn_relu_apply_impl(const at::Tensor& u, const Geometry& g, const at::Tensor& scale, const at::Tensor& shift,
+                        at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* in = u.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  const acc_t* sc = scale.const_data_ptr<acc_t>();
+  const acc_t* sh = shift.const_data_ptr<acc_t>();
+  if (g.channels_last) {
+    at::parallel_for(0, g.m, grain_for(g.c), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* __restrict__ row = in + r * g.c;
+        scalar_t* __restrict__ dst = o + r * g.c;
+        for (int64_t ch = 0; ch < g.c; ++ch) {
+          dst[ch] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(row[ch]), sc[ch], sh[ch])));
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const acc_t s = sc[plane % g.c], b = sh[plane % g.c];
+        const scalar_t* __restrict__ src = in + plane * g.hw;
+        scalar_t* __restrict__ dst = o + plane * g.hw;
+        for (int64_t i = 0; i < g.hw; ++i) {
+          dst[i] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[i]), s, b)));
+        }
+      }
+    });
+  }
+}
+
+at::Tensor bn_relu_apply_cpu(const at::Tensor& u_in, const at::Tensor& scale_in, const at::Tensor& shift_in) {
+  check_bn_relu_apply(u_in, scale_in, shift_in);
+  const auto fmt = output_memory_format(u_in);
+  at::Tensor out = at::empty(u_in.sizes(), u_in.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  const at::Tensor u = u_in.contiguous(fmt);
+  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const Geometry g = geometry_of(u, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "bn_relu_apply_cpu",
+                                  [&] { bn_relu_apply_impl<scalar_t>(u, g, scale, shift, out); });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bn_relu_backward_reduce: Σdz and Σdz·(u − mean) per channel; the latter times invstd is Σdz·x̂. Plain sums
+// in acc_t: dz·(u − mean) is centred already, so nothing large cancels.
+
+template <typename acc_t>
+struct GradSums {
+  acc_t dz;
+  acc_t dz_xc;  // Σ dz·(u − mean)
+};
+
+template <typename scalar_t, typename acc_t>
+GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t len,
+                                acc_t scale, acc_t shift, acc_t mean) {
+  acc_t s_dz[kLanes] = {}, s_dzx[kLanes] = {};
+  const int64_t steps = len / kLanes;
+  for (int64_t k = 0; k < steps; ++k) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t i = k * kLanes + l;
+      const acc_t x = static_cast<acc_t>(u[i]);
+      const acc_t dz = relu_grad(static_cast<acc_t>(dr[i]), bn_affine(x, scale, shift));
+      s_dz[l] += dz;
+      s_dzx[l] += dz * (x - mean);
+    }
+  }
+  GradSums<acc_t> s{acc_t(0), acc_t(0)};
+  for (int64_t l = 0; l < kLanes; ++l) {
+    s.dz += s_dz[l];
+    s.dz_xc += s_dzx[l];
+  }
+  for (int64_t i = steps * kLanes; i < len; ++i) {
+    const acc_t x = static_cast<acc_t>(u[i]);
+    const acc_t dz = relu_grad(static_cast<acc_t>(dr[i]), bn_affine(x, scale, shift));
+    s.dz += dz;
+    s.dz_xc += dz * (x - mean);
+  }
+  return s;
+}
+
+template <typename scalar_t, typename acc_t>
+void grad_sums_rows(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t c, int64_t r0,
+                    int64_t r1, const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                    const acc_t* __restrict__ mean, GradSums<acc_t>* out) {
+  std::vector<acc_t> dz_buf(c, acc_t(0)), dzx_buf(c, acc_t(0));
+  acc_t* __restrict__ s_dz = dz_buf.data();
+  acc_t* __restrict__ s_dzx = dzx_buf.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* __restrict__ g = dr + r * c;
+    const scalar_t* __restrict__ row = u + r * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const acc_t x = static_cast<acc_t>(row[ch]);
+      const acc_t dz = relu_grad(static_cast<acc_t>(g[ch]), bn_affine(x, scale[ch], shift[ch]));
+      s_dz[ch] += dz;
+      s_dzx[ch] += dz * (x - mean[ch]);
+    }
+  }
+  for (int64_t ch = 0; ch < c; ++ch) out[ch] = {s_dz[ch], s_dzx[ch]};
+}
+
+template <typename scalar_t>
+void bn_relu_backward_reduce_impl(const at::Tensor& dr, const at::Tensor& u, const Geometry& g,
+                                  const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+                                  const at::Tensor& invstd, at::Tensor& sum_dz, at::Tensor& sum_dz_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* dr_p = dr.const_data_ptr<scalar_t>();
+  const scalar_t* u_p = u.const_data_ptr<scalar_t>();
+  const acc_t* sc = scale.const_data_ptr<acc_t>();
+  const acc_t* sh = shift.const_data_ptr<acc_t>();
+  const acc_t* mu = mean.const_data_ptr<acc_t>();
+  const int64_t parts = g.partials();
+  std::vector<GradSums<acc_t>> partial(parts * g.c);
+  if (g.channels_last) {
+    const int64_t rows = rows_per_block(g.c);
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        grad_sums_rows(dr_p, u_p, g.c, p * rows, std::min(g.m, (p + 1) * rows), sc, sh, mu,
+                       partial.data() + p * g.c);
+      }
+    });
+  } else {
+    at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t ch = plane % g.c;
+        partial[plane] = grad_sums_plane(dr_p + plane * g.hw, u_p + plane * g.hw, g.hw, sc[ch], sh[ch], mu[ch]);
+      }
+    });
+  }
+  const acc_t* is = invstd.const_data_ptr<acc_t>();
+  acc_t* s_dz = sum_dz.mutable_data_ptr<acc_t>();
+  acc_t* s_dzx = sum_dz_xhat.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, g.c, grain_for(parts), [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      acc_t a = acc_t(0), b = acc_t(0);
+      for (int64_t p = 0; p < parts; ++p) {
+        a += partial[p * g.c + ch].dz;
+        b += partial[p * g.c + ch].dz_xc;
+      }
+      s_dz[ch] = a;
+      s_dzx[ch] = b * is[ch];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(const at::Tensor& grad_in, const at::Tensor& u_in,
+                                                               const at::Tensor& scale_in, const at::Tensor& shift_in,
+                                                               const at::Tensor& mean_in, const at::Tensor& invstd_in) {
+  check_bn_relu_backward("bn_relu_backward_reduce", grad_in, u_in,
+                         {{&scale_in, "scale"}, {&shift_in, "shift"}, {&mean_in, "mean"}, {&invstd_in, "invstd"}});
+  const auto opts = u_in.options().dtype(stats_dtype(u_in));
+  at::Tensor sum_dz = at::zeros({u_in.size(1)}, opts);
+  at::Tensor sum_dz_xhat = at::zeros({u_in.size(1)}, opts);
+  if (u_in.numel() == 0) return {sum_dz, sum_dz_xhat};
+  const auto fmt = output_memory_format(u_in);
+  const at::Tensor u = u_in.contiguous(fmt), dr = grad_in.contiguous(fmt);
+  const Geometry g = geometry_of(u, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
+    bn_relu_backward_reduce_impl<scalar_t>(dr, u, g, scale_in.contiguous(), shift_in.contiguous(),
+                                           mean_in.contiguous(), invstd_in.contiguous(), sum_dz, sum_dz_xhat);
+  });
+  return {sum_dz, sum_dz_xhat};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bn_relu_backward_apply
+
+template <typename scalar_t>
+void bn_relu_backward_apply_impl(const at::Tensor& dr, const at::Tensor& u, const Geometry& g,
+                                 const at::Tensor& scale, const at::Tensor& shift, const at::Tensor* mean,
+                                 const at::Tensor* invstd, const at::Tensor* sum_dz, const at::Tensor* sum_dz_xhat,
+                                 at::Tensor& du) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool training = mean != nullptr;
+  const scalar_t* dr_p = dr.const_data_ptr<scalar_t>();
+  const scalar_t* u_p = u.const_data_ptr<scalar_t>();
+  scalar_t* du_p = du.mutable_data_ptr<scalar_t>();
+  const acc_t* sc = scale.const_data_ptr<acc_t>();
+  const acc_t* sh = shift.const_data_ptr<acc_t>();
+  // Per-channel coefficients a, b of bn_backward_coefs, and the mean (zero in eval, where it is unused).
+  std::vector<acc_t> a_buf(g.c, acc_t(0)), b_buf(g.c, acc_t(0)), mean_buf(g.c, acc_t(0));
+  if (training) {
+    const acc_t* mu = mean->const_data_ptr<acc_t>();
+    const acc_t* is = invstd->const_data_ptr<acc_t>();
+    const acc_t* sdz = sum_dz->const_data_ptr<acc_t>();
+    const acc_t* sdzx = sum_dz_xhat->const_data_ptr<acc_t>();
+    const acc_t inv_m = acc_t(1) / static_cast<acc_t>(g.m);
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      bn_backward_coefs(sdz[ch], sdzx[ch], is[ch], inv_m, a_buf[ch], b_buf[ch]);
+      mean_buf[ch] = mu[ch];
+    }
+  }
+  const acc_t* ca = a_buf.data();
+  const acc_t* cb = b_buf.data();
+  const acc_t* mu = mean_buf.data();
+  if (g.channels_last) {
+    at::parallel_for(0, g.m, grain_for(2 * g.c), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* __restrict__ gr = dr_p + r * g.c;
+        const scalar_t* __restrict__ row = u_p + r * g.c;
+        scalar_t* __restrict__ dst = du_p + r * g.c;
+        if (training) {
+          for (int64_t ch = 0; ch < g.c; ++ch) {
+            dst[ch] = static_cast<scalar_t>(bn_relu_grad_train(static_cast<acc_t>(gr[ch]), static_cast<acc_t>(row[ch]),
+                                                               sc[ch], sh[ch], mu[ch], ca[ch], cb[ch]));
+          }
+        } else {
+          for (int64_t ch = 0; ch < g.c; ++ch) {
+            dst[ch] = static_cast<scalar_t>(
+                bn_relu_grad_eval(static_cast<acc_t>(gr[ch]), static_cast<acc_t>(row[ch]), sc[ch], sh[ch]));
+          }
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, g.n * g.c, grain_for(2 * g.hw), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t ch = plane % g.c;
+        const acc_t s = sc[ch], b = sh[ch], m = mu[ch], ka = ca[ch], kb = cb[ch];
+        const scalar_t* __restrict__ gr = dr_p + plane * g.hw;
+        const scalar_t* __restrict__ src = u_p + plane * g.hw;
+        scalar_t* __restrict__ dst = du_p + plane * g.hw;
+        if (training) {
+          for (int64_t i = 0; i < g.hw; ++i) {
+            dst[i] = static_cast<scalar_t>(
+                bn_relu_grad_train(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]), s, b, m, ka, kb));
+          }
+        } else {
+          for (int64_t i = 0; i < g.hw; ++i) {
+            dst[i] = static_cast<scalar_t>(bn_relu_grad_eval(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]), s, b));
+          }
+        }
+      }
+    });
+  }
+}
+
+at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_in, const at::Tensor& u_in, const at::Tensor& scale_in,
+                                      const at::Tensor& shift_in, const std::optional<at::Tensor>& mean,
+                                      const std::optional<at::Tensor>& invstd, const std::optional<at::Tensor>& sum_dz,
+                                      const std::optional<at::Tensor>& sum_dz_xhat) {
+  constexpr const char* op = "bn_relu_backward_apply";
+  const bool training = mean.has_value();
+  TORCH_CHECK_VALUE(training == invstd.has_value() && training == sum_dz.has_value() &&
+                        training == sum_dz_xhat.has_value(),
+                    op, ": mean, invstd, sum_dz and sum_dz_xhat must be all given (training) or all None (eval)");
+  if (training) {
+    check_bn_relu_backward(op, grad_in, u_in,
+                           {{&scale_in, "scale"}, {&shift_in, "shift"}, {&*mean, "mean"}, {&*invstd, "invstd"},
+                            {&*sum_dz, "sum_dz"}, {&*sum_dz_xhat, "sum_dz_xhat"}});
+  } else {
+    check_bn_relu_backward(op, grad_in, u_in, {{&scale_in, "scale"}, {&shift_in, "shift"}});
+  }
+  const auto fmt = output_memory_format(u_in);
+  at::Tensor du = at::empty(u_in.sizes(), u_in.options().memory_format(fmt));
+  if (du.numel() == 0) return du;
+  const at::Tensor u = u_in.contiguous(fmt), dr = grad_in.contiguous(fmt);
+  const Geometry g = geometry_of(u, fmt);
+  at::Tensor mean_c, invstd_c, sdz_c, sdzx_c;
+  if (training) {
+    mean_c = mean->contiguous();
+    invstd_c = invstd->contiguous();
+    sdz_c = sum_dz->contiguous();
+    sdzx_c = sum_dz_xhat->contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "bn_relu_backward_apply_cpu", [&] {
+    bn_relu_backward_apply_impl<scalar_t>(dr, u, g, scale_in.contiguous(), shift_in.contiguous(),
+                                          training ? &mean_c : nullptr, training ? &invstd_c : nullptr,
+                                          training ? &sdz_c : nullptr, training ? &sdzx_c : nullptr, du);
+  });
+  return du;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_hourglass, CPU, m) {
+  m.impl("bn_stats", &bn_stats_cpu);
+  m.impl("bn_relu_apply", &bn_relu_apply_cpu);
+  m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cpu);
+  m.impl("bn_relu_backward_apply", &bn_relu_backward_apply_cpu);
+}
+
+}  // namespace fused_hourglass

@@ -1,0 +1,213 @@
+"""`bn_relu(u, ...) = relu(batch_norm(u, ...))` as four compiled ops, and the `BatchNormReLU2d` module.
+
+Forward (training): `bn_stats` reads u once (Welford partials merged with Chan's formula, fp32 even for
+fp16/bf16 u), then `bn_relu_apply` reads u and writes r. Backward recomputes r's mask from u instead of saving
+r: `bn_relu_backward_reduce` gives Σdz and Σdz·x̂ per channel (the bias and weight gradients), and
+`bn_relu_backward_apply` the input gradient. Only u and per-channel vectors are saved, about half of what eager
+BatchNorm2d + ReLU keep (u and r).
+
+Per-channel vectors (mean, invstd, scale, shift, sums) are in the statistics dtype: float64 for float64 u,
+float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _ext
+from ..reference import ops as reference
+from ._checks import check_4d_float, check_same_dtype_device, check_tensor
+
+__all__ = ["bn_relu", "BatchNormReLU2d"]
+
+
+def _stats_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _check_channel_vector(v: torch.Tensor, u: torch.Tensor, op: str, name: str) -> None:
+    """The per-channel operands of the compiled ops (messages as ops/bn_relu.h's check_channel_vector)."""
+    check_tensor(v, op, name)
+    if v.dim() != 1 or v.shape[0] != u.shape[1]:
+        raise ValueError(f"{op}: {name} must be 1-D with {u.shape[1]} elements (the channels of u), "
+                         f"got shape {list(v.shape)}")
+    if v.dtype != _stats_dtype(u):
+        raise TypeError(f"{op}: {name} must be {_stats_dtype(u)} (the statistics dtype of {u.dtype} u), got {v.dtype}")
+    if v.device != u.device:
+        raise ValueError(f"{op}: {name} and u must be on the same device, got {name} on {v.device} and u on {u.device}")
+
+
+def _check_backward(op: str, grad: torch.Tensor, u: torch.Tensor, **vectors: torch.Tensor) -> None:
+    check_4d_float(grad, op, "grad")
+    check_4d_float(u, op, "u")
+    check_same_dtype_device(grad, "grad", u, "u", op)
+    if grad.shape != u.shape:
+        raise ValueError(f"{op}: grad and u must have the same shape, got grad {list(grad.shape)} and u {list(u.shape)}")
+    for name, v in vectors.items():
+        _check_channel_vector(v, u, op, name)
+
+
+def _check_parameter(p: object, u: torch.Tensor, name: str) -> None:
+    """weight, bias and the running statistics of `bn_relu`: a C-vector of u's dtype or float32 (the usual
+    mixed-precision module), on u's device."""
+    op = "bn_relu"
+    check_tensor(p, op, name)
+    if p.dim() != 1 or p.shape[0] != u.shape[1]:
+        raise ValueError(f"{op}: {name} must be 1-D with {u.shape[1]} elements (the channels of u), "
+                         f"got shape {list(p.shape)}")
+    if p.dtype not in (u.dtype, torch.float32):
+        raise TypeError(f"{op}: {name} must be float32 or {u.dtype} (u's dtype), got {p.dtype}")
+    if p.device != u.device:
+        raise ValueError(f"{op}: {name} and u must be on the same device, got {name} on {p.device} and u on {u.device}")
+
+
+def _check_bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, batch_stats: bool) -> None:
+    check_4d_float(u, "bn_relu", "u")
+    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if p is not None:
+            _check_parameter(p, u, name)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bn_relu: running_mean and running_var must be both given or both None, got "
+                         f"running_mean {'None' if running_mean is None else 'a tensor'} and "
+                         f"running_var {'None' if running_var is None else 'a tensor'}")
+    if batch_stats and u.shape[0] * u.shape[2] * u.shape[3] == 1:
+        # F.batch_norm's own message and exception type.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {u.size()}")
+
+
+def _scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+                 invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale = γ·invstd, shift = β − mean·scale, in the statistics dtype."""
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
+    return scale, shift
+
+
+class _BnReLUFunction(torch.autograd.Function):
+    """r = relu(u·scale + shift) with scale, shift from (weight, bias, mean, invstd). mean and invstd are
+    constants to autograd: in training their dependence on u is in the closed-form input gradient."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+                invstd: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+        scale, shift = _scale_shift(weight, bias, mean, invstd)
+        ctx.save_for_backward(u, scale, shift, mean, invstd)
+        ctx.batch_stats = batch_stats
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return torch.ops.fused_hourglass.bn_relu_apply.default(u, scale, shift)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        u, scale, shift, mean, invstd = ctx.saved_tensors
+        need_u, need_w, need_b = ctx.needs_input_grad[:3]
+        ops = torch.ops.fused_hourglass
+        sum_dz = sum_dz_xhat = None
+        if need_w or need_b or (need_u and ctx.batch_stats):
+            sum_dz, sum_dz_xhat = ops.bn_relu_backward_reduce.default(grad, u, scale, shift, mean, invstd)
+        du = None
+        if need_u and ctx.batch_stats:
+            du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, mean, invstd, sum_dz, sum_dz_xhat)
+        elif need_u:
+            du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, None, None, None, None)
+        grad_w = sum_dz_xhat.to(ctx.weight_dtype) if need_w else None
+        grad_b = sum_dz.to(ctx.bias_dtype) if need_b else None
+        return du, grad_w, grad_b, None, None, None
+
+
+def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+            momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """relu(F.batch_norm(u, running_mean, running_var, weight, bias, training, momentum, eps)).
+
+    Args:
+        u: [N, C, H, W] float64, float32, float16 or bfloat16.
+        weight, bias: [C] (float32 or u's dtype), or None for no affine transform.
+        running_mean, running_var: [C] buffers, or both None: then the batch statistics are used in both modes
+            (nn.BatchNorm2d with track_running_stats=False).
+        training: normalise with the batch statistics and update the running ones in place (running_var with
+            the unbiased M/(M − 1) variance, M = N·H·W), as nn.BatchNorm2d; otherwise use the running ones.
+            An empty batch (M = 0) gives an empty output and leaves the running statistics alone, as
+            F.batch_norm does.
+    Returns:
+        r: u's shape and dtype, in u's memory format. Differentiable in u, weight and bias; saves u, never r.
+    """
+    batch_stats = training or running_mean is None
+    _check_bn_relu(u, weight, bias, running_mean, running_var, batch_stats)
+    if not _ext.use_kernel("bn_relu_apply", u.device):
+        return reference.bn_relu(u, weight, bias, running_mean, running_var, training, momentum, eps)
+    m = u.shape[0] * u.shape[2] * u.shape[3]
+    if batch_stats:
+        mean, var, invstd = torch.ops.fused_hourglass.bn_stats.default(u.detach(), eps)
+        if training and running_mean is not None and m > 0:
+            with torch.no_grad():
+                # nn.BatchNorm2d's update, in the statistics dtype: momentum·batch + (1 − momentum)·running.
+                sd = mean.dtype
+                unbiased = var * (m / (m - 1))
+                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(sd))
+                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(sd))
+    else:
+        sd = _stats_dtype(u)
+        mean = running_mean.detach().to(sd)
+        invstd = torch.rsqrt(running_var.detach().to(sd) + eps)
+    return _BnReLUFunction.apply(u, weight, bias, mean, invstd, batch_stats)
+
+
+class BatchNormReLU2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d followed by ReLU, through `bn_relu`. Same constructor, buffers and state_dict keys as
+    nn.BatchNorm2d (so its checkpoints load unchanged); num_batches_tracked and momentum=None (cumulative
+    average) behave as there."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return bn_relu(input, self.weight, self.bias, self.running_mean if keep_running else None,
+                       self.running_var if keep_running else None, batch_stats, factor, self.eps)
+
+
+if _ext.HAS_EXTENSION:
+
+    def _vector(u: torch.Tensor) -> torch.Tensor:
+        return torch.empty((u.shape[1],), dtype=_stats_dtype(u), device=u.device)
+
+    @torch.library.register_fake("fused_hourglass::bn_stats")
+    def _bn_stats_fake(u: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_4d_float(u, "bn_stats", "u")
+        return _vector(u), _vector(u), _vector(u)
+
+    @torch.library.register_fake("fused_hourglass::bn_relu_apply")
+    def _bn_relu_apply_fake(u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        op = "bn_relu_apply"
+        check_4d_float(u, op, "u")
+        _check_channel_vector(scale, u, op, "scale")
+        _check_channel_vector(shift, u, op, "shift")
+        return torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=_ext.memory_format_of(u))
+
+    @torch.library.register_fake("fused_hourglass::bn_relu_backward_reduce")
+    def _bn_relu_backward_reduce_fake(grad: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                                      mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_backward("bn_relu_backward_reduce", grad, u, scale=scale, shift=shift, mean=mean, invstd=invstd)
+        return _vector(u), _vector(u)
+
+    @torch.library.register_fake("fused_hourglass::bn_relu_backward_apply")
+    def _bn_relu_backward_apply_fake(grad: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                                     mean: torch.Tensor | None, invstd: torch.Tensor | None,
+                                     sum_dz: torch.Tensor | None, sum_dz_xhat: torch.Tensor | None) -> torch.Tensor:
+        op = "bn_relu_backward_apply"
+        training = {mean is not None, invstd is not None, sum_dz is not None, sum_dz_xhat is not None}
+        if len(training) != 1:
+            raise ValueError(f"{op}: mean, invstd, sum_dz and sum_dz_xhat must be all given (training) "
+                             "or all None (eval)")
+        if mean is not None:
+            _check_backward(op, grad, u, scale=scale, shift=shift, mean=mean, invstd=invstd, sum_dz=sum_dz,
+                            sum_dz_xhat=sum_dz_xhat)
+        else:
+            _check_backward(op, grad, u, scale=scale, shift=shift)
+        return torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=_ext.memory_format_of(u))

@@ -1,0 +1,605 @@
+"""bn_relu / BatchNormReLU2d against nn.BatchNorm2d + ReLU, and the four compiled BN-ReLU ops."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fused_hourglass import _ext
+from fused_hourglass.ops import BatchNormReLU2d, bn_relu
+from fused_hourglass.reference import ops as reference
+
+from .conftest import requires_cuda, requires_extension
+
+OPS = torch.ops.fused_hourglass if _ext.HAS_EXTENSION else None
+
+# dtype → (atol, rtol) of the fused result against the eager reference computed in the same dtype. For float16
+# and bfloat16 both are also measured against float32 and the fused error may be at most LOW_PRECISION_FACTOR×
+# the eager error (plus a small floor for values the eager path happens to round exactly).
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 1e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (4e-2, 3e-2),
+}
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def make_modules(c: int, dtype: torch.dtype = torch.float32, seed: int = 0, **kw) -> tuple[nn.Module, nn.Module]:
+    """(nn.Sequential(BatchNorm2d, ReLU), BatchNormReLU2d) with the same random affine and running statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c, **kw)
+    with torch.no_grad():
+        if bn.affine:
+            bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+            bn.bias.copy_(torch.randn(c, generator=gen) * 0.5)
+        if bn.track_running_stats:
+            bn.running_mean.copy_(torch.randn(c, generator=gen))
+            bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    fused = BatchNormReLU2d(c, **kw)
+    fused.load_state_dict(bn.state_dict())
+    return nn.Sequential(bn, nn.ReLU()).to(dtype), fused.to(dtype)
+
+
+def make_input(shape, dtype=torch.float32, channels_last=False, seed=1, offset=0.3, scale=1.5) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    u = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+    return u.contiguous(memory_format=torch.channels_last) if channels_last else u
+
+
+def run(module: nn.Module, u: torch.Tensor, grad: torch.Tensor):
+    """Output and gradients (u, weight, bias) of one forward/backward."""
+    x = u.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(grad)
+    params = [p for p in module.parameters()]
+    grads = [p.grad.detach().clone() if p.grad is not None else None for p in params]
+    for p in params:
+        p.grad = None
+    return y.detach(), x.grad, grads
+
+
+def bn_of(module: nn.Module) -> nn.BatchNorm2d:
+    return module[0] if isinstance(module, nn.Sequential) else module
+
+
+def assert_close(actual, expected, dtype, what=""):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def assert_buffers_equal_tracking(ref: nn.Module, fused: nn.Module, dtype):
+    rb, fb = bn_of(ref), bn_of(fused)
+    if rb.track_running_stats:
+        assert_close(fb.running_mean, rb.running_mean, dtype, "running_mean")
+        assert_close(fb.running_var, rb.running_var, dtype, "running_var")
+        assert torch.equal(fb.num_batches_tracked, rb.num_batches_tracked)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Equivalence with nn.BatchNorm2d + nn.ReLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 8, 6, 5), (2, 17, 8, 8), (3, 5, 1, 1)],
+                         ids=["odd-spatial", "C-not-multiple-of-16", "1x1-spatial"])
+def test_train_then_eval_matches_batchnorm_relu(dtype, channels_last, shape):
+    ref, fused = make_modules(shape[1], dtype)
+    for step in range(2):  # two training steps: the running statistics are updated twice
+        u = make_input(shape, dtype, channels_last, seed=step)
+        g = make_input(shape, dtype, channels_last, seed=10 + step, offset=0.0, scale=1.0)
+        y_r, du_r, gp_r = run(ref, u, g)
+        y_f, du_f, gp_f = run(fused, u, g)
+        assert_close(y_f, y_r, dtype, "output")
+        assert_close(du_f, du_r, dtype, "grad u")
+        assert_close(gp_f[0], gp_r[0], dtype, "grad weight")
+        assert_close(gp_f[1], gp_r[1], dtype, "grad bias")
+        assert_buffers_equal_tracking(ref, fused, dtype)
+        assert y_f.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert du_f.stride() == u.stride()
+    ref.eval()
+    fused.eval()
+    u = make_input(shape, dtype, channels_last, seed=5)
+    g = make_input(shape, dtype, channels_last, seed=6, offset=0.0, scale=1.0)
+    y_r, du_r, gp_r = run(ref, u, g)
+    y_f, du_f, gp_f = run(fused, u, g)
+    assert_close(y_f, y_r, dtype, "eval output")
+    assert_close(du_f, du_r, dtype, "eval grad u")
+    assert_close(gp_f[0], gp_r[0], dtype, "eval grad weight")
+    assert_close(gp_f[1], gp_r[1], dtype, "eval grad bias")
+    assert_buffers_equal_tracking(ref, fused, dtype)  # eval leaves them alone in both
+
+
+def test_momentum_none_is_a_cumulative_average():
+    ref, fused = make_modules(6, momentum=None)
+    for step in range(3):
+        u = make_input((3, 6, 4, 4), seed=step, offset=step)
+        g = torch.ones_like(u)
+        run(ref, u, g)
+        run(fused, u, g)
+        assert_buffers_equal_tracking(ref, fused, torch.float32)
+    assert int(bn_of(fused).num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_affine_and_tracking_variants(affine, track, training):
+    ref, fused = make_modules(5, affine=affine, track_running_stats=track)
+    ref.train(training)
+    fused.train(training)
+    u = make_input((2, 5, 3, 7))
+    g = make_input((2, 5, 3, 7), seed=3, offset=0.0)
+    y_r, du_r, gp_r = run(ref, u, g)
+    y_f, du_f, gp_f = run(fused, u, g)
+    assert_close(y_f, y_r, torch.float32, "output")
+    assert_close(du_f, du_r, torch.float32, "grad u")
+    for a, b in zip(gp_f, gp_r, strict=True):
+        assert_close(a, b, torch.float32, "grad param")
+    assert_buffers_equal_tracking(ref, fused, torch.float32)
+    assert list(fused.state_dict()) == list(bn_of(ref).state_dict())
+
+
+def test_state_dict_keys_equal_batchnorm2d():
+    fused = BatchNormReLU2d(7)
+    bn = nn.BatchNorm2d(7)
+    assert list(fused.state_dict()) == list(bn.state_dict())
+    bn.load_state_dict(fused.state_dict())
+
+
+def test_functional_matches_reference_twin():
+    u = make_input((2, 4, 5, 6))
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y = bn_relu(u, w, b, rm, rv, True, 0.2, 1e-3)
+    y_ref = reference.bn_relu(u, w, b, rm_ref, rv_ref, True, 0.2, 1e-3)
+    assert_close(y, y_ref, torch.float32, "output")
+    assert_close(rm, rm_ref, torch.float32, "running_mean")
+    assert_close(rv, rv_ref, torch.float32, "running_var")
+    # Without running statistics the batch statistics are used even when training=False.
+    assert_close(bn_relu(u, w, b, None, None, False), F.relu(F.batch_norm(u, None, None, w, b, True)), torch.float32,
+                 "no running stats")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Numerical edge cases
+
+
+def test_large_mean_channel_float32():
+    """mean 1e4, std 1: Σx² − (Σx)²/M in float32 would lose every digit of the variance."""
+    u = make_input((4, 3, 32, 32), torch.float32, offset=1e4, scale=1.0)
+    for channels_last in (False, True):
+        x = u.contiguous(memory_format=torch.channels_last) if channels_last else u
+        exact_var, exact_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+        if _ext.HAS_EXTENSION:
+            mean, var, invstd = OPS.bn_stats(x, 1e-5)
+            torch.testing.assert_close(var.double(), exact_var, rtol=1e-5, atol=0)
+            torch.testing.assert_close(mean.double(), exact_mean, rtol=0, atol=1e-3)  # half an ulp of 1e4 is 5e-4
+            torch.testing.assert_close(invstd.double(), (exact_var + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+        y = bn_relu(x, None, None, None, None, True)
+        exact = F.relu((x.double() - exact_mean[:, None, None]) * (exact_var[:, None, None] + 1e-5).rsqrt())
+        # u itself is quantised to 1e-3 at 1e4: the normalised output cannot be better than that.
+        torch.testing.assert_close(y.double(), exact, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 3, 1, 2)], ids=["N=2", "W=2"])
+def test_two_values_per_channel(shape):
+    ref, fused = make_modules(3)
+    u = make_input(shape)
+    g = torch.ones_like(u)
+    y_r, du_r, gp_r = run(ref, u, g)
+    y_f, du_f, gp_f = run(fused, u, g)
+    assert_close(y_f, y_r, torch.float32, "output")
+    assert_close(du_f, du_r, torch.float32, "grad u")
+    assert_close(gp_f[0], gp_r[0], torch.float32, "grad weight")
+    assert_buffers_equal_tracking(ref, fused, torch.float32)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_matches_batch_norm(training):
+    """N = 0: F.batch_norm returns an empty output, leaves the running statistics alone and gives zero weight and
+    bias gradients (nn.BatchNorm2d still counts the batch in num_batches_tracked); so do we."""
+    ref, fused = make_modules(4)
+    ref.train(training)
+    fused.train(training)
+    u = torch.empty(0, 4, 5, 5)
+    g = torch.empty(0, 4, 5, 5)
+    y_r, du_r, gp_r = run(ref, u, g)
+    y_f, du_f, gp_f = run(fused, u, g)
+    assert y_f.shape == y_r.shape == (0, 4, 5, 5)
+    assert du_f.shape == du_r.shape
+    for a, b in zip(gp_f, gp_r, strict=True):
+        assert torch.equal(a, b)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn_of(fused), name), getattr(bn_of(ref), name)), name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_nonfinite_inputs_propagate_like_reference(bad, training, channels_last):
+    ref, fused = make_modules(3)
+    ref.train(training)
+    fused.train(training)
+    u = make_input((2, 3, 4, 4))
+    u[1, 1, 2, 3] = bad  # one bad value in channel 1; in training it poisons that channel's statistics only
+    u[0, 2, 0, 0] = bad  # the first value of channel 2
+    u = u.contiguous(memory_format=torch.channels_last) if channels_last else u
+    g = torch.ones_like(u)
+    y_r, du_r, gp_r = run(ref, u, g)
+    y_f, du_f, gp_f = run(fused, u, g)
+    assert_close(y_f, y_r, torch.float32, "output")
+    assert_close(du_f, du_r, torch.float32, "grad u")
+    assert_close(gp_f[0], gp_r[0], torch.float32, "grad weight")
+    assert_close(gp_f[1], gp_r[1], torch.float32, "grad bias")
+    assert_buffers_equal_tracking(ref, fused, torch.float32)
+    assert torch.isfinite(y_f[:, 0]).all()  # the clean channel stays clean
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False])
+def test_low_precision_error_at_most_twice_eager(dtype, channels_last, training):
+    """float32 parameters with float16 / bfloat16 activations, the usual mixed-precision module."""
+    shape = (4, 16, 8, 8)
+    ref32, fused = make_modules(16, torch.float32)
+    ref_lp = copy.deepcopy(ref32)
+    for m in (ref32, ref_lp, fused):
+        m.train(training)
+    u = make_input(shape, dtype, channels_last)
+    g = make_input(shape, dtype, channels_last, seed=4, offset=0.0)
+    y32, du32, gp32 = run(ref32, u.float(), g.float())
+    y_lp, du_lp, gp_lp = run(ref_lp, u, g)
+    y_f, du_f, gp_f = run(fused, u, g)
+    assert y_f.dtype == du_f.dtype == dtype
+    assert gp_f[0].dtype == gp_f[1].dtype == torch.float32
+    atol, rtol = TOL[dtype]
+    pairs = [("output", y_f, y_lp, y32), ("grad u", du_f, du_lp, du32), ("grad weight", gp_f[0], gp_lp[0], gp32[0]),
+             ("grad bias", gp_f[1], gp_lp[1], gp32[1])]
+    for what, fused_v, eager_v, exact in pairs:
+        torch.testing.assert_close(fused_v.float(), exact, atol=atol * max(1.0, exact.abs().max().item()), rtol=rtol,
+                                   msg=lambda m, w=what: f"{w}: {m}")
+        err_fused = (fused_v.float() - exact).abs().max().item()
+        err_eager = (eager_v.float() - exact).abs().max().item()
+        bound = LOW_PRECISION_FACTOR * err_eager + LOW_PRECISION_FLOOR[dtype] * max(1.0, exact.abs().max().item())
+        assert err_fused <= bound, f"{what}: fused error {err_fused:.3g} > {LOW_PRECISION_FACTOR}× eager {err_eager:.3g}"
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(bn_of(fused), name), getattr(bn_of(ref32), name), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("view", ["sliced", "permuted", "expanded-grad"])
+def test_non_contiguous_inputs(view):
+    ref, fused = make_modules(6)
+    base = make_input((3, 12, 9, 10))
+    if view == "sliced":
+        u = base[:, ::2, 1:, ::2]
+    elif view == "permuted":
+        u = base[:, :6].transpose(2, 3)
+    else:
+        u = base[:, :6]
+    assert not u.is_contiguous() and not u.is_contiguous(memory_format=torch.channels_last)
+    xr = u.detach().clone().requires_grad_()
+    xf = u.detach().clone().requires_grad_()
+    yr, yf = ref(xr), fused(xf)
+    if view == "expanded-grad":
+        yr.sum().backward()  # the incoming gradient is a stride-0 expanded tensor
+        yf.sum().backward()
+    else:
+        g = torch.randn(yr.shape).transpose(2, 3).contiguous().transpose(2, 3)
+        yr.backward(g)
+        yf.backward(g)
+    assert_close(yf, yr, torch.float32, "output")
+    assert_close(xf.grad, xr.grad, torch.float32, "grad u")
+    assert_buffers_equal_tracking(ref, fused, torch.float32)
+
+
+@settings(max_examples=12)
+@given(n=st.integers(1, 4), c=st.integers(1, 20), h=st.integers(1, 9), w=st.integers(1, 9),
+       dtype=st.sampled_from([torch.float32, torch.float64]), channels_last=st.booleans(), training=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_property_matches_batchnorm_relu(n, c, h, w, dtype, channels_last, training, seed):
+    if training and n * h * w == 1:
+        return  # covered by test_single_value_per_channel_error
+    ref, fused = make_modules(c, dtype, seed=seed)
+    ref.train(training)
+    fused.train(training)
+    u = make_input((n, c, h, w), dtype, channels_last, seed=seed)
+    g = make_input((n, c, h, w), dtype, channels_last, seed=seed + 1, offset=0.0)
+    y_r, du_r, gp_r = run(ref, u, g)
+    y_f, du_f, gp_f = run(fused, u, g)
+    assert_close(y_f, y_r, dtype, "output")
+    assert_close(du_f, du_r, dtype, "grad u")
+    assert_close(gp_f[0], gp_r[0], dtype, "grad weight")
+    assert_close(gp_f[1], gp_r[1], dtype, "grad bias")
+    assert_buffers_equal_tracking(ref, fused, dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Autograd machinery
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(training):
+    gen = torch.Generator().manual_seed(0)
+    u = (torch.randn(2, 3, 3, 4, generator=gen, dtype=torch.float64) + 0.2).requires_grad_()
+    w = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    b = (torch.randn(3, generator=gen, dtype=torch.float64) * 0.3).requires_grad_()
+    if training:
+        def fn(u, w, b):
+            return bn_relu(u, w, b, None, None, True)
+    else:
+        rm = torch.randn(3, dtype=torch.float64)
+        rv = torch.rand(3, dtype=torch.float64) + 0.5
+
+        def fn(u, w, b):
+            return bn_relu(u, w, b, rm, rv, False)
+    assert torch.autograd.gradcheck(fn, (u, w, b), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@requires_extension
+def test_saved_tensors_at_most_51_percent_of_eager():
+    """Training saves u and per-channel vectors only; eager BatchNorm2d + ReLU also keeps r."""
+    def saved_bytes(module: nn.Module, u: torch.Tensor) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(u)
+        return total
+
+    u = make_input((4, 32, 16, 16)).requires_grad_()
+    ref, fused = make_modules(32)
+    eager, ours = saved_bytes(ref, u), saved_bytes(fused, u)
+    assert ours <= 0.51 * eager, f"bn_relu saves {ours} B, eager BN + ReLU {eager} B"
+    assert ours >= u.numel() * u.element_size()  # u itself is kept for the recompute
+
+
+@requires_extension
+def test_torch_compile_of_module_matches_eager():
+    torch._dynamo.reset()
+    ref, fused = make_modules(8)
+    fused_c = copy.deepcopy(fused)
+    compiled = torch.compile(fused_c, backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        u = make_input((2, 8, 6, 6), seed=step)
+        g = make_input((2, 8, 6, 6), seed=7 + step, offset=0.0)
+        y_e, du_e, gp_e = run(fused, u, g)
+        y_c, du_c, gp_c = run(compiled, u, g)
+        assert_close(y_c, y_e, torch.float32, "output")
+        assert_close(du_c, du_e, torch.float32, "grad u")
+        assert_close(gp_c[0], gp_e[0], torch.float32, "grad weight")
+        assert_buffers_equal_tracking(fused, fused_c, torch.float32)
+
+
+def test_fallback_without_kernel_warns_once_and_matches(monkeypatch):
+    monkeypatch.setattr(_ext, "has_kernel", lambda op, device_type: False)
+    monkeypatch.setattr(_ext, "_warned", set())
+    ref, fused = make_modules(3)
+    u = make_input((2, 3, 4, 4))
+    with pytest.warns(RuntimeWarning, match="bn_relu_apply: compiled kernel unavailable"):
+        y_f = fused(u)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(u)  # no second warning
+    ref(u)
+    y_r = ref(u)
+    assert_close(y_f, F.relu(nn.functional.batch_norm(u, None, None, bn_of(fused).weight, bn_of(fused).bias,
+                                                      True)), torch.float32, "fallback output")
+    assert y_r.shape == y_f.shape
+    assert torch.equal(bn_of(fused).num_batches_tracked, bn_of(ref).num_batches_tracked)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The compiled ops on their own
+
+
+def op_samples(dtype=torch.float32):
+    """(u, grad, scale, shift, mean, invstd, sum_dz, sum_dz_xhat) for each layout and a non-packed shape."""
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    out = []
+    for shape, cl in (((2, 5, 4, 4), False), ((2, 5, 4, 4), True), ((3, 4, 3, 5), False)):
+        u = make_input(shape, dtype, cl)
+        g = make_input(shape, dtype, cl, seed=9, offset=0.0)
+        c = shape[1]
+        vec = [torch.randn(c, dtype=sd), torch.randn(c, dtype=sd), torch.randn(c, dtype=sd),
+               torch.rand(c, dtype=sd) + 0.5, torch.randn(c, dtype=sd), torch.randn(c, dtype=sd)]
+        out.append((u, g, *vec))
+    return out
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_opcheck_every_bn_op(dtype):
+    for u, g, scale, shift, mean, invstd, sdz, sdzx in op_samples(dtype):
+        torch.library.opcheck(OPS.bn_stats.default, (u, 1e-5))
+        torch.library.opcheck(OPS.bn_relu_apply.default, (u, scale, shift))
+        torch.library.opcheck(OPS.bn_relu_backward_reduce.default, (g, u, scale, shift, mean, invstd))
+        torch.library.opcheck(OPS.bn_relu_backward_apply.default, (g, u, scale, shift, mean, invstd, sdz, sdzx))
+        torch.library.opcheck(OPS.bn_relu_backward_apply.default, (g, u, scale, shift, None, None, None, None))
+
+
+@requires_extension
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_ops_match_their_formulas_float64(channels_last):
+    """Each op against DESIGN §2's formula, evaluated directly in float64."""
+    u = make_input((3, 4, 5, 6), torch.float64, channels_last)
+    g = make_input((3, 4, 5, 6), torch.float64, channels_last, seed=2, offset=0.0)
+    mean, var, invstd = OPS.bn_stats(u, 1e-3)
+    ev, em = torch.var_mean(u, dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, em, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, ev, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(invstd, (ev + 1e-3).rsqrt(), rtol=1e-12, atol=1e-12)
+    scale, shift = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    c = (slice(None), None, None)
+    y = u * scale[c] + shift[c]
+    torch.testing.assert_close(OPS.bn_relu_apply(u, scale, shift), y.relu(), rtol=1e-12, atol=1e-12)
+    dz = torch.where(y > 0, g, 0.0)
+    xhat = (u - mean[c]) * invstd[c]
+    sdz, sdzx = OPS.bn_relu_backward_reduce(g, u, scale, shift, mean, invstd)
+    torch.testing.assert_close(sdz, dz.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sdzx, (dz * xhat).sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    m = 3 * 5 * 6
+    du = OPS.bn_relu_backward_apply(g, u, scale, shift, mean, invstd, sdz, sdzx)
+    expected = scale[c] / m * (m * dz - sdz[c] - xhat * sdzx[c])
+    torch.testing.assert_close(du, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(OPS.bn_relu_backward_apply(g, u, scale, shift, None, None, None, None), dz * scale[c],
+                               rtol=1e-12, atol=1e-12)
+
+
+@requires_extension
+def test_bn_stats_deterministic():
+    u = make_input((4, 7, 33, 31), channels_last=True)
+    a, b = OPS.bn_stats(u, 1e-5), OPS.bn_stats(u, 1e-5)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Errors: raised before any kernel runs, naming the argument
+
+
+def test_error_single_value_per_channel_when_training():
+    u = torch.randn(1, 3, 1, 1)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, "
+                                         r"got input size torch.Size\(\[1, 3, 1, 1\]\)"):
+        bn_relu(u, None, None, rm, rv, True)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        F.batch_norm(u, rm, rv, training=True)  # the same exception as PyTorch's
+    assert bn_relu(u, None, None, rm, rv, False).shape == u.shape  # eval normalises a single value fine
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "message"), [
+    ({"u": torch.randn(2, 3, 4)}, ValueError, r"bn_relu: u must be 4-D \[N, C, H, W\], got shape \[2, 3, 4\]"),
+    ({"u": torch.ones(2, 3, 4, 4, dtype=torch.int32)}, TypeError,
+     "bn_relu: u must be float64, float32, float16 or bfloat16, got torch.int32"),
+    ({"u": [1.0]}, TypeError, "bn_relu: u must be a torch.Tensor, got list"),
+    ({"weight": torch.ones(4)}, ValueError,
+     r"bn_relu: weight must be 1-D with 3 elements \(the channels of u\), got shape \[4\]"),
+    ({"bias": torch.ones(3, 1)}, ValueError,
+     r"bn_relu: bias must be 1-D with 3 elements \(the channels of u\), got shape \[3, 1\]"),
+    ({"weight": torch.ones(3, dtype=torch.float64)}, TypeError,
+     r"bn_relu: weight must be float32 or torch.float32 \(u's dtype\), got torch.float64"),
+    ({"running_mean": torch.zeros(3, device="meta")}, ValueError,
+     "bn_relu: running_mean and u must be on the same device, got running_mean on meta and u on cpu"),
+    ({"running_var": None}, ValueError,
+     "bn_relu: running_mean and running_var must be both given or both None, got running_mean a tensor and "
+     "running_var None"),
+    ({"weight": "w"}, TypeError, "bn_relu: weight must be a torch.Tensor, got str"),
+])
+def test_bn_relu_argument_errors(kwargs, exc, message):
+    args = {"u": torch.randn(2, 3, 4, 4), "weight": torch.ones(3), "bias": torch.zeros(3),
+            "running_mean": torch.zeros(3), "running_var": torch.ones(3), "training": True}
+    args.update(kwargs)
+    with pytest.raises(exc, match=message):
+        bn_relu(**args)
+
+
+def op_error_cases():
+    u = torch.randn(2, 3, 4, 4)
+    v = torch.ones(3)
+    return [
+        ("bn_stats", (torch.randn(3, 4), 1e-5), ValueError, r"bn_stats: u must be 4-D \[N, C, H, W\], got shape \[3, 4\]"),
+        ("bn_relu_apply", (u, torch.ones(4), v), ValueError,
+         r"bn_relu_apply: scale must be 1-D with 3 elements \(the channels of u\), got shape \[4\]"),
+        ("bn_relu_apply", (u, v, v.double()), TypeError,
+         r"bn_relu_apply: shift must be torch.float32 \(the statistics dtype of torch.float32 u\), got torch.float64"),
+        ("bn_relu_apply", (u.half(), v.half(), v), TypeError,
+         r"bn_relu_apply: scale must be torch.float32 \(the statistics dtype of torch.float16 u\), got torch.float16"),
+        ("bn_relu_backward_reduce", (torch.randn(2, 3, 4, 5), u, v, v, v, v), ValueError,
+         r"bn_relu_backward_reduce: grad and u must have the same shape, got grad \[2, 3, 4, 5\] and u \[2, 3, 4, 4\]"),
+        ("bn_relu_backward_reduce", (u.double(), u, v, v, v, v), TypeError,
+         r"bn_relu_backward_reduce: grad and u must have the same dtype"),
+        ("bn_relu_backward_reduce", (u, u, v, v, v, torch.ones(2)), ValueError,
+         r"bn_relu_backward_reduce: invstd must be 1-D with 3 elements"),
+        ("bn_relu_backward_apply", (u, u, v, v, v, None, v, v), ValueError,
+         r"bn_relu_backward_apply: mean, invstd, sum_dz and sum_dz_xhat must be all given \(training\) or all None"),
+        ("bn_relu_backward_apply", (u, u, v, v, v, v, v, torch.ones(5)), ValueError,
+         r"bn_relu_backward_apply: sum_dz_xhat must be 1-D with 3 elements"),
+    ]
+
+
+@requires_extension
+@pytest.mark.parametrize("case", op_error_cases(), ids=lambda c: c[0] + ":" + c[3][:40])
+def test_op_argument_errors_kernel_and_fake(case):
+    name, args, exc, message = case
+    with pytest.raises(exc, match=message):
+        getattr(OPS, name)(*args)
+    with FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        with pytest.raises(exc, match=message):
+            getattr(OPS, name)(*fake_args)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA kernels against the CPU ones (run on a GPU machine)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 64, 16, 16), (3, 33, 5, 7), (2, 8, 1, 1), (1, 3, 200, 200)],
+                         ids=["packed", "odd", "1x1", "many-slices"])
+def test_cuda_ops_match_cpu_ops(dtype, channels_last, shape):
+    u = make_input(shape, dtype, channels_last, offset=3.0)
+    g = make_input(shape, dtype, channels_last, seed=5, offset=0.0)
+    cuda = torch.device("cuda")
+    atol, rtol = TOL[dtype]
+    stats_cpu = OPS.bn_stats(u, 1e-5)
+    stats_gpu = OPS.bn_stats(u.to(cuda), 1e-5)
+    for a, b in zip(stats_gpu, stats_cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-6, rtol=1e-5 if dtype != torch.float64 else 1e-12)
+    mean, _, invstd = stats_cpu
+    sd = mean.dtype
+    scale = (torch.rand(shape[1], dtype=sd) + 0.5) * invstd
+    shift = torch.randn(shape[1], dtype=sd) - mean * scale
+    vec = [t.to(cuda) for t in (scale, shift, mean, invstd)]
+    r_cpu, r_gpu = OPS.bn_relu_apply(u, scale, shift), OPS.bn_relu_apply(u.to(cuda), vec[0], vec[1])
+    torch.testing.assert_close(r_gpu.cpu(), r_cpu, atol=atol, rtol=rtol)
+    assert r_gpu.stride() == r_cpu.stride()
+    sums_cpu = OPS.bn_relu_backward_reduce(g, u, scale, shift, mean, invstd)
+    sums_gpu = OPS.bn_relu_backward_reduce(g.to(cuda), u.to(cuda), *vec)
+    m = shape[0] * shape[2] * shape[3]
+    for a, b in zip(sums_gpu, sums_cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-4 * math.sqrt(m), rtol=1e-4)
+    du_cpu = OPS.bn_relu_backward_apply(g, u, scale, shift, mean, invstd, *sums_cpu)
+    du_gpu = OPS.bn_relu_backward_apply(g.to(cuda), u.to(cuda), *vec, *[s.to(cuda) for s in sums_cpu])
+    torch.testing.assert_close(du_gpu.cpu(), du_cpu, atol=atol, rtol=rtol)
+    eval_cpu = OPS.bn_relu_backward_apply(g, u, scale, shift, None, None, None, None)
+    eval_gpu = OPS.bn_relu_backward_apply(g.to(cuda), u.to(cuda), vec[0], vec[1], None, None, None, None)
+    torch.testing.assert_close(eval_gpu.cpu(), eval_cpu, atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_module_matches_batchnorm_relu_and_is_deterministic():
+    ref, fused = make_modules(32)
+    ref, fused = ref.cuda(), fused.cuda()
+    u = make_input((8, 32, 24, 24), offset=1e4, scale=1.0).cuda()
+    g = make_input((8, 32, 24, 24), seed=3, offset=0.0).cuda()
+    y_r, du_r, gp_r = run(ref, u, g)
+    y_f, du_f, gp_f = run(fused, u, g)
+    torch.testing.assert_close(y_f, y_r, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(gp_f[1], gp_r[1], atol=1e-3, rtol=1e-4)
+    assert_buffers_equal_tracking(ref, fused, torch.float32)
+    a, b = OPS.bn_stats(u, 1e-5), OPS.bn_stats(u, 1e-5)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
