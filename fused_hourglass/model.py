@@ -3,7 +3,9 @@ forward routed through the fused ops.
 
 Backends:
   "reference"  plain PyTorch, exactly `fused_hourglass.reference`.
-  "fused"      the compiled C++/CUDA ops (`fused_hourglass.ops`) around ATen/cuDNN convolutions.
+  "fused"      the compiled C++/CUDA ops (`fused_hourglass.ops`) around ATen/cuDNN convolutions: every
+               Residual runs as three `bn_relu_conv2d` steps that save the BN inputs, not the activations;
+               pools are `max_pool2x2` (no saved indices); the hourglass merge is one `upsample_add`.
   "auto"       "fused" when the extension has kernels for the input's device, else "reference".
 """
 
@@ -17,13 +19,46 @@ import torch
 
 from . import _ext, ops, reference
 from .checkpoint import check_compatible, infer_config, read_state_dict
+from .ops.bn_relu import module_statistics_arguments
 
 BACKENDS = ("auto", "reference", "fused")
+
+
+def _bn_relu_conv(bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d, u: torch.Tensor) -> torch.Tensor:
+    running_mean, running_var, training, momentum = module_statistics_arguments(bn)
+    return ops.bn_relu_conv2d(u, bn.weight, bn.bias, running_mean, running_var, training, momentum, bn.eps,
+                              conv.weight, conv.bias, conv.padding[0])
+
+
+class Residual(reference.Residual):
+    """Reference bottleneck computed as three fused BN-ReLU-conv steps when `fused` is set."""
+
+    fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        residual = self.skip_layer(x) if self.need_skip else x
+        out = _bn_relu_conv(self.bn1, self.conv1.conv, x)
+        out = _bn_relu_conv(self.bn2, self.conv2.conv, out)
+        out = _bn_relu_conv(self.bn3, self.conv3.conv, out)
+        return out + residual
+
+
+class Pool(reference.Pool):
+    """2×2 max pool whose backward recomputes the argmax from the input when `fused` is set."""
+
+    fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.max_pool2x2(x) if self.fused else super().forward(x)
 
 
 class Hourglass(reference.Hourglass):
     """Reference hourglass whose merge `up1 + up2(low3)` is one `upsample_add` when fused."""
 
+    residual_cls = Residual
+    pool_cls = Pool
     fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +67,10 @@ class Hourglass(reference.Hourglass):
         up1 = self.up1(x)
         low3 = self.low3(self.low2(self.low1(self.pool1(x))))
         return ops.upsample_add(low3, up1)
+
+
+_FUSABLE = (Residual, Pool, Hourglass)
+_FUSED_OPS = ("upsample_add", "bn_relu_apply", "max_pool2x2")
 
 
 class StackedHourglass(reference.StackedHourglass):
@@ -45,7 +84,9 @@ class StackedHourglass(reference.StackedHourglass):
     Input [B, 3, H, W] with H, W multiples of 64; output [B, nstack, oup_dim, H/4, W/4].
     """
 
+    residual_cls = Residual
     hourglass_cls = Hourglass
+    pool_cls = Pool
 
     def __init__(self, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 16, bn: bool = False, increase: int = 0,
                  *, backend: str = "auto", input_format: str = "NCHW") -> None:
@@ -68,14 +109,15 @@ class StackedHourglass(reference.StackedHourglass):
         """The backend a forward on `device` runs."""
         if self._backend != "auto":
             return self._backend
-        return "fused" if _ext.has_kernel("upsample_add", device.type) else "reference"
+        fused = all(_ext.has_kernel(op, device.type) for op in _FUSED_OPS)
+        return "fused" if fused else "reference"
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         reference.check_input(imgs, self.input_format)
         active = self.resolve_backend(imgs.device)
         if active != self._active:
             for m in self.modules():
-                if isinstance(m, Hourglass):
+                if isinstance(m, _FUSABLE):
                     m.fused = active == "fused"
             self._active = active
         return super().forward(imgs)

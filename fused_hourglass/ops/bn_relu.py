@@ -102,19 +102,47 @@ class _BnReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         u, scale, shift, mean, invstd = ctx.saved_tensors
-        need_u, need_w, need_b = ctx.needs_input_grad[:3]
-        ops = torch.ops.fused_hourglass
-        sum_dz = sum_dz_xhat = None
-        if need_w or need_b or (need_u and ctx.batch_stats):
-            sum_dz, sum_dz_xhat = ops.bn_relu_backward_reduce.default(grad, u, scale, shift, mean, invstd)
-        du = None
-        if need_u and ctx.batch_stats:
-            du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, mean, invstd, sum_dz, sum_dz_xhat)
-        elif need_u:
-            du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, None, None, None, None)
-        grad_w = sum_dz_xhat.to(ctx.weight_dtype) if need_w else None
-        grad_b = sum_dz.to(ctx.bias_dtype) if need_b else None
+        du, grad_w, grad_b = bn_relu_backward(ctx, grad, u, scale, shift, mean, invstd)
         return du, grad_w, grad_b, None, None, None
+
+
+def bn_relu_backward(ctx, grad: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                     mean: torch.Tensor, invstd: torch.Tensor):
+    """(du, dweight, dbias) from the gradient of r = relu(u·scale + shift), recomputing the ReLU mask from u.
+    `ctx` is an autograd context whose inputs 0, 1, 2 are u, weight, bias and that carries batch_stats,
+    weight_dtype and bias_dtype."""
+    need_u, need_w, need_b = ctx.needs_input_grad[:3]
+    ops = torch.ops.fused_hourglass
+    sum_dz = sum_dz_xhat = None
+    if need_w or need_b or (need_u and ctx.batch_stats):
+        sum_dz, sum_dz_xhat = ops.bn_relu_backward_reduce.default(grad, u, scale, shift, mean, invstd)
+    du = None
+    if need_u and ctx.batch_stats:
+        du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, mean, invstd, sum_dz, sum_dz_xhat)
+    elif need_u:
+        du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, None, None, None, None)
+    grad_w = sum_dz_xhat.to(ctx.weight_dtype) if need_w else None
+    grad_b = sum_dz.to(ctx.bias_dtype) if need_b else None
+    return du, grad_w, grad_b
+
+
+def normalisation_stats(u: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                        training: bool, momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and invstd that normalise u, in the statistics dtype: the batch's (updating the running statistics
+    in place when training, as nn.BatchNorm2d does) or the running ones (eval). Arguments already checked."""
+    if training or running_mean is None:
+        m = u.shape[0] * u.shape[2] * u.shape[3]
+        mean, var, invstd = torch.ops.fused_hourglass.bn_stats.default(u.detach(), eps)
+        if training and running_mean is not None and m > 0:
+            with torch.no_grad():
+                # nn.BatchNorm2d's update, in the statistics dtype: momentum·batch + (1 − momentum)·running.
+                sd = mean.dtype
+                unbiased = var * (m / (m - 1))
+                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(sd))
+                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(sd))
+        return mean, invstd
+    sd = _stats_dtype(u)
+    return running_mean.detach().to(sd), torch.rsqrt(running_var.detach().to(sd) + eps)
 
 
 def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -138,20 +166,7 @@ def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     _check_bn_relu(u, weight, bias, running_mean, running_var, batch_stats)
     if not _ext.use_kernel("bn_relu_apply", u.device):
         return reference.bn_relu(u, weight, bias, running_mean, running_var, training, momentum, eps)
-    m = u.shape[0] * u.shape[2] * u.shape[3]
-    if batch_stats:
-        mean, var, invstd = torch.ops.fused_hourglass.bn_stats.default(u.detach(), eps)
-        if training and running_mean is not None and m > 0:
-            with torch.no_grad():
-                # nn.BatchNorm2d's update, in the statistics dtype: momentum·batch + (1 − momentum)·running.
-                sd = mean.dtype
-                unbiased = var * (m / (m - 1))
-                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(sd))
-                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(sd))
-    else:
-        sd = _stats_dtype(u)
-        mean = running_mean.detach().to(sd)
-        invstd = torch.rsqrt(running_var.detach().to(sd) + eps)
+    mean, invstd = normalisation_stats(u, running_mean, running_var, training, momentum, eps)
     return _BnReLUFunction.apply(u, weight, bias, mean, invstd, batch_stats)
 
 
@@ -162,14 +177,20 @@ class BatchNormReLU2d(nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
-        return bn_relu(input, self.weight, self.bias, self.running_mean if keep_running else None,
-                       self.running_var if keep_running else None, batch_stats, factor, self.eps)
+        return bn_relu(input, self.weight, self.bias, *module_statistics_arguments(self), self.eps)
+
+
+def module_statistics_arguments(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None, bool, float]:
+    """(running_mean, running_var, training, momentum) to pass to `bn_relu` for one forward of `bn`, counting
+    the batch in num_batches_tracked as nn.BatchNorm2d.forward does (momentum=None: cumulative average)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not bn.training or bn.track_running_stats
+    return (bn.running_mean if keep_running else None, bn.running_var if keep_running else None, batch_stats,
+            factor)
 
 
 if _ext.HAS_EXTENSION:

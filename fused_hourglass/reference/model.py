@@ -77,14 +77,16 @@ class Residual(nn.Module):
 class Hourglass(nn.Module):
     """One hourglass of depth `n`: up1(x) + nearest_up2x(low3(low2(low1(pool(x)))))."""
 
-    residual_cls = Residual  # subclasses swap in their own block; the module tree (and state dict) is unchanged
+    # Subclasses swap in their own blocks; the module tree (and so the state dict) stays the same.
+    residual_cls = Residual
+    pool_cls = Pool
 
     def __init__(self, n: int, f: int, bn: bool | None = None, increase: int = 0) -> None:
         super().__init__()
         nf = f + increase
         block = self.residual_cls
         self.up1 = block(f, f)
-        self.pool1 = Pool(2, 2)
+        self.pool1 = self.pool_cls(2, 2)
         self.low1 = block(f, nf)
         self.n = n
         # `increase` is deliberately not passed down the recursion, as in the port.
@@ -133,6 +135,7 @@ class StackedHourglass(nn.Module):
 
     residual_cls = Residual
     hourglass_cls = Hourglass
+    pool_cls = Pool
 
     def __init__(self, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 16, bn: bool = False, increase: int = 0,
                  *, input_format: str = "NCHW") -> None:
@@ -150,7 +153,7 @@ class StackedHourglass(nn.Module):
         self.pre = nn.Sequential(
             Conv(3, 64, 7, 2, bn=True, relu=True),
             block(64, 128),
-            Pool(2, 2),
+            self.pool_cls(2, 2),
             block(128, 128),
             block(128, inp_dim),
         )

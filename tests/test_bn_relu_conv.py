@@ -1,0 +1,156 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_hourglass import StackedHourglass, ops, reference
+
+from .conftest import requires_extension
+
+# dtype → (atol, rtol) for outputs and gradients against the reference in the same dtype.
+TOLERANCE = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-4, 2e-4),
+    torch.bfloat16: (0.15, 0.05),
+}
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        return torch.cat([t, t], dim=3)[..., : t.shape[3]]
+    return t.contiguous()
+
+
+def _modules(c_in, c_out, k, dtype):
+    bn = nn.BatchNorm2d(c_in).to(dtype)
+    conv = nn.Conv2d(c_in, c_out, k, padding=(k - 1) // 2).to(dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    return bn, conv
+
+
+def _fused(bn, conv, u, training):
+    return ops.bn_relu_conv2d(u, bn.weight, bn.bias, bn.running_mean, bn.running_var, training, 0.1, bn.eps,
+                              conv.weight, conv.bias, conv.padding[0])
+
+
+def _eager(bn, conv, u, training):
+    bn.train(training)
+    return conv(F.relu(bn(u)))
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (1, 8, 1, 2), (3, 4, 5, 7)])
+def test_matches_eager_bn_relu_conv(dtype, layout, k, training, shape):
+    atol, rtol = TOLERANCE[dtype]
+    n, c, h, w = shape
+    if training and n * h * w == 1:
+        pytest.skip("one value per channel cannot train")
+    bn, conv = _modules(c, 6, k, dtype)
+    bn_ref, conv_ref = _modules(c, 6, k, dtype)
+    bn_ref.load_state_dict(bn.state_dict())
+    conv_ref.load_state_dict(conv.state_dict())
+    u = _layout(torch.randn(shape, dtype=dtype) * 2 + 0.3, layout).requires_grad_()
+    u_ref = u.detach().clone().requires_grad_()
+    out = _fused(bn, conv, u, training)
+    expected = _eager(bn_ref, conv_ref, u_ref, training)
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, atol=atol, rtol=rtol)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var, atol=atol, rtol=rtol)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want, name in [(u.grad, u_ref.grad, "u"), (bn.weight.grad, bn_ref.weight.grad, "bn.weight"),
+                            (bn.bias.grad, bn_ref.bias.grad, "bn.bias"), (conv.weight.grad, conv_ref.weight.grad,
+                                                                         "conv.weight"),
+                            (conv.bias.grad, conv_ref.bias.grad, "conv.bias")]:
+        torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol * 10, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_gradcheck_float64(training, conv_bias):
+    c = 3
+    u = torch.randn(2, c, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(c, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    cw = torch.randn(4, c, 3, 3, dtype=torch.float64, requires_grad=True)
+    cb = torch.randn(4, dtype=torch.float64, requires_grad=True) if conv_bias else None
+    rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+
+    def fn(u, weight, bias, cw, cb):
+        # Fresh running buffers per call so the repeated evaluations of gradcheck see the same function.
+        return ops.bn_relu_conv2d(u, weight, bias, rm.clone(), rv.clone(), training, 0.1, 1e-5, cw, cb, 1)
+
+    assert torch.autograd.gradcheck(fn, (u, weight, bias, cw, cb))
+
+
+@requires_extension
+def test_saves_u_not_the_activation():
+    bn, conv = _modules(16, 16, 3, torch.float32)
+    u = torch.randn(4, 16, 8, 8, requires_grad=True)
+    saved_fused = _saved_bytes(lambda: _fused(bn, conv, u, True))
+    saved_eager = _saved_bytes(lambda: _eager(bn, conv, u, True))
+    activation = u.numel() * u.element_size()
+    # Eager keeps u (BatchNorm) and r (ReLU and conv share it); fused keeps u plus per-channel vectors and the
+    # conv weight.
+    assert saved_eager - saved_fused >= activation
+    assert saved_fused < activation + conv.weight.numel() * 4 + 64 * 16
+
+
+def _saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@requires_extension
+def test_fused_model_saves_less_than_eager():
+    fused = StackedHourglass(1, 32, 4, backend="fused")
+    eager = reference.StackedHourglass(1, 32, 4)
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    params = {p.untyped_storage().data_ptr() for p in fused.parameters()} | {
+        p.untyped_storage().data_ptr() for p in eager.parameters()}
+
+    def activation_bytes(model):
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(seen.values())
+
+    fused_bytes, eager_bytes = activation_bytes(fused), activation_bytes(eager)
+    assert fused_bytes < 0.6 * eager_bytes, (fused_bytes, eager_bytes)
+
+
+def test_errors_name_the_argument():
+    bn, conv = _modules(4, 6, 1, torch.float32)
+    u = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"conv_weight must have 4 input channels \(the channels of u\), "
+                                         r"got shape \[6, 5, 1, 1\]"):
+        ops.bn_relu_conv2d(u, bn.weight, bn.bias, None, None, True, 0.1, 1e-5, torch.zeros(6, 5, 1, 1), None)
+    with pytest.raises(TypeError, match="u and conv_weight must have the same dtype"):
+        ops.bn_relu_conv2d(u, bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight.double(), None)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        ops.bn_relu_conv2d(torch.randn(1, 4, 1, 1), bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight,
+                           None)
