@@ -6,7 +6,10 @@ Backends:
   "fused"      the compiled C++/CUDA ops (`fused_hourglass.ops`) around ATen/cuDNN convolutions: every
                Residual runs as three `bn_relu_conv2d` steps that save the BN inputs, not the activations;
                pools are `max_pool2x2` (no saved indices); the hourglass merge is one `upsample_add`.
-  "auto"       "fused" when the extension has kernels for the input's device, else "reference".
+  "triton"     CUDA: every Residual is the Triton BN-ReLU-prologue conv chain (`fused_hourglass.triton`), the
+               hourglass merge folded into up1's last convolution; pools as "fused".
+  "auto"       "triton" for CUDA inputs when Triton is available, else "fused" when the extension has kernels
+               for the input's device, else "reference".
 """
 
 from __future__ import annotations
@@ -21,7 +24,18 @@ from . import _ext, ops, reference
 from .checkpoint import check_compatible, infer_config, read_state_dict
 from .ops.bn_relu import module_statistics_arguments
 
-BACKENDS = ("auto", "reference", "fused")
+BACKENDS = ("auto", "reference", "fused", "triton")
+_FUSED_OPS = ("upsample_add", "bn_relu_apply", "max_pool2x2")
+
+
+def _triton():
+    """The Triton package, imported on first use so that importing the model never imports triton (which must
+    see TRITON_INTERPRET, when wanted, before its first import)."""
+    from . import triton as fh_triton
+
+    if not fh_triton.AVAILABLE:
+        raise RuntimeError(f"StackedHourglass: backend 'triton' is unavailable: {fh_triton.UNAVAILABLE_REASON}")
+    return fh_triton
 
 
 def _bn_relu_conv(bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d, u: torch.Tensor) -> torch.Tensor:
@@ -31,12 +45,14 @@ def _bn_relu_conv(bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d, u: torch.Tens
 
 
 class Residual(reference.Residual):
-    """Reference bottleneck computed as three fused BN-ReLU-conv steps when `fused` is set."""
+    """Reference bottleneck, computed as three fused BN-ReLU-conv steps ("fused") or the Triton chain."""
 
-    fused = False
+    mode = "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
+        if self.mode == "triton":
+            return _triton().fused_residual(self, x)
+        if self.mode == "reference":
             return super().forward(x)
         residual = self.skip_layer(x) if self.need_skip else x
         out = _bn_relu_conv(self.bn1, self.conv1.conv, x)
@@ -46,31 +62,39 @@ class Residual(reference.Residual):
 
 
 class Pool(reference.Pool):
-    """2×2 max pool whose backward recomputes the argmax from the input when `fused` is set."""
+    """2×2 max pool whose backward recomputes the argmax from the input, unless in reference mode."""
 
-    fused = False
+    mode = "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.max_pool2x2(x) if self.fused else super().forward(x)
+        return super().forward(x) if self.mode == "reference" else ops.max_pool2x2(x)
 
 
 class Hourglass(reference.Hourglass):
-    """Reference hourglass whose merge `up1 + up2(low3)` is one `upsample_add` when fused."""
+    """Reference hourglass whose merge `up1 + up2(low3)` is one `upsample_add` ("fused") or folded into up1's
+    last convolution ("triton"). The low branch runs first so that the merge costs no extra pass."""
 
     residual_cls = Residual
     pool_cls = Pool
-    fused = False
+    mode = "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
+        if self.mode == "reference":
             return super().forward(x)
-        up1 = self.up1(x)
         low3 = self.low3(self.low2(self.low1(self.pool1(x))))
-        return ops.upsample_add(low3, up1)
+        if self.mode == "triton":
+            return _triton().fused_residual(self.up1, x, low=low3)
+        return ops.upsample_add(low3, self.up1(x))
 
 
-_FUSABLE = (Residual, Pool, Hourglass)
-_FUSED_OPS = ("upsample_add", "bn_relu_apply", "max_pool2x2")
+_MODAL = (Residual, Pool, Hourglass)
+
+
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    from . import triton as fh_triton
+
+    return fh_triton.AVAILABLE
 
 
 class StackedHourglass(reference.StackedHourglass):
@@ -78,7 +102,7 @@ class StackedHourglass(reference.StackedHourglass):
 
     Args:
         nstack, inp_dim, oup_dim, bn, increase: as the port's `PoseNet`.
-        backend: "auto" (default), "fused" or "reference"; see the module docstring. May be changed later
+        backend: "auto" (default), "fused", "triton" or "reference"; see the module docstring. May be changed later
             through the `backend` attribute.
         input_format: "NCHW" (default) or "NHWC" (the port's convention).
     Input [B, 3, H, W] with H, W multiples of 64; output [B, nstack, oup_dim, H/4, W/4].
@@ -109,6 +133,8 @@ class StackedHourglass(reference.StackedHourglass):
         """The backend a forward on `device` runs."""
         if self._backend != "auto":
             return self._backend
+        if device.type == "cuda" and _triton_available():
+            return "triton"
         fused = all(_ext.has_kernel(op, device.type) for op in _FUSED_OPS)
         return "fused" if fused else "reference"
 
@@ -117,8 +143,8 @@ class StackedHourglass(reference.StackedHourglass):
         active = self.resolve_backend(imgs.device)
         if active != self._active:
             for m in self.modules():
-                if isinstance(m, _FUSABLE):
-                    m.fused = active == "fused"
+                if isinstance(m, _MODAL):
+                    m.mode = active
             self._active = active
         return super().forward(imgs)
 
