@@ -405,7 +405,12 @@ def wgrad_splits(m: int, k: int, c_out: int, ksize: int) -> int:
     return max(1, min(triton.cdiv(m, WGRAD_ROW_QUANTUM), (2 * _SM_COUNT_ESTIMATE) // tiles, 64))
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_nhwc(t: torch.Tensor, op: str, name: str) -> None:
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     if t.dim() != 4 or not t.is_contiguous():
         raise ValueError(f"{op}: {name} must be a contiguous 4-D NHWC tensor [N, H, W, C], "
                          f"got shape {list(t.shape)} and strides {list(t.stride())}")
