@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 
 import torch
-
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -64,6 +64,36 @@ WGRAD_ROW_QUANTUM = 16 if INTERPRET else 128
 # Elementwise kernels: rows × channels per program.
 EW_BLOCK_M = 16 if INTERPRET else 64
 EW_BLOCK_C = 16 if INTERPRET else 64
+# Interpreter work-arounds (triton 3.8): its bf16 `tl.dot` returns garbage, so the operands are widened to fp32
+# first (exact: a product of two bf16 or fp16 numbers fits an fp32 mantissa, and accumulation is fp32 anyway); and
+# its fp32 → bf16 conversion does not round to nearest even (see `_round`).
+_WIDEN_DOT_OPERANDS = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation."""
+    if _WIDEN_DOT_OPERANDS:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """fp32 → dtype with round-to-nearest-even, the GPU's conversion. The interpreter's fp32 → bf16 conversion
+    truncates (or, asked for RTNE, mis-carries into the exponent), a bias that accumulates in the weight gradient;
+    there the rounding is done on the bit pattern so that the final conversion is exact."""
+    if dtype == tl.float32:
+        out = x
+    elif _WIDEN_DOT_OPERANDS and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        out = bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        out = x.to(dtype)
+    return out
 
 
 @triton.autotune(configs=CONV_CONFIGS, key=["M", "K", "C_OUT", "KSIZE"])
@@ -126,8 +156,8 @@ def _conv_bnrelu_forward_kernel(
                 shift = tl.load(shift_ptr + rk, mask=k_mask, other=0.0)
                 r = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
                 # Zero padding belongs to r: masked taps must give 0, not relu(shift).
-                a = tl.where(a_mask, r, 0.0).to(b.dtype)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                a = _round(tl.where(a_mask, r, 0.0), b.dtype)
+            acc = _mma(a, b, acc, DOT_PRECISION)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
@@ -139,7 +169,7 @@ def _conv_bnrelu_forward_kernel(
         n_idx = rm // (H * W)
         low_row = ((n_idx * (H // 2) + h_idx // 2) * (W // 2) + w_idx // 2).to(tl.int64)
         acc += tl.load(low_ptr + low_row[:, None] * C_OUT + rn[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    y = acc.to(y_ptr.dtype.element_ty)
+    y = _round(acc, y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_off, y, mask=out_mask)
     if STATS:
         # Statistics of the stored (rounded) output, which is what the next BN normalises. The squared deviations
@@ -204,7 +234,7 @@ def _conv_bnrelu_dgrad_kernel(
             a = tl.load(dy_ptr + src[:, None] * C_OUT + rc[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
             b = tl.load(w_tap + rc[:, None] * stride_wn + rk[None, :] * stride_wk,
                         mask=c_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+            acc = _mma(a, b.to(a.dtype), acc, DOT_PRECISION)
 
     out_mask = m_mask[:, None] & k_mask[None, :]
     off = rm.to(tl.int64)[:, None] * K + rk[None, :]
@@ -219,9 +249,9 @@ def _conv_bnrelu_dgrad_kernel(
         xhat = (u - mean[None, :]) * invstd[None, :]
         tl.store(psum_ptr + pid_m * K + rk, tl.sum(dz, axis=0), mask=k_mask)
         tl.store(pdot_ptr + pid_m * K + rk, tl.sum(dz * xhat, axis=0), mask=k_mask)
-        tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(dz_ptr + off, _round(dz, dz_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(dz_ptr + off, acc.to(dz_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(dz_ptr + off, _round(acc, dz_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.autotune(configs=WGRAD_CONFIGS, key=["M", "K", "C_OUT", "KSIZE"])
@@ -278,8 +308,8 @@ def _conv_bnrelu_wgrad_kernel(
         if PROLOGUE:
             # Recompute r exactly as the forward prologue did (fp32, rounded to the operand dtype), zero padding.
             r = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-            a = tl.where(a_mask, r, 0.0).to(d.dtype)
-        acc = tl.dot(tl.trans(a.to(d.dtype)), d, acc, input_precision=DOT_PRECISION)
+            a = _round(tl.where(a_mask, r, 0.0), d.dtype)
+        acc = _mma(tl.trans(a), d, acc, DOT_PRECISION)
         if pid_tk == 0:
             db += tl.sum(d.to(tl.float32), axis=0)
     dw_off = ((pid_s * KSIZE * KSIZE + tap) * K + rk.to(tl.int64))[:, None] * C_OUT + rn[None, :]
@@ -346,7 +376,7 @@ def _bn_backward_apply_kernel(
     du = a[None, :] * dz + b[None, :] * (u - mean[None, :]) + c[None, :]
     if HAS_EXTRA:
         du += tl.load(extra_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + off, _round(du, du_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -373,7 +403,7 @@ def _sum_pool2x2_kernel(
     for row in tl.static_range(4):
         src = top + (row // 2) * W + row % 2
         acc += tl.load(g_ptr + src[:, None] * C + rc[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :], _round(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,6 +413,15 @@ def _sum_pool2x2_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 _SM_COUNT_ESTIMATE = 132  # H100 SXM; only sizes the split of the weight-gradient reduction
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch through `wrap_triton`, which lets torch.compile trace the kernel and makes it a no-op on fake tensors
+    when compiled. An interpreted kernel would instead execute on fake tensors' (absent) storage, so under the
+    interpreter a launch with fake arguments is skipped: the op then runs exactly its fake implementation."""
+    if INTERPRET and any(isinstance(a, FakeTensor) for a in args):
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -457,8 +496,9 @@ def _conv_forward(u: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tens
         return triton.cdiv(m, STATS_BLOCK_M), triton.cdiv(c_out, meta["BLOCK_N"])
 
     # Unused pointer arguments are bound to a live tensor; their constexpr flag keeps them unread.
-    torch.library.wrap_triton(_conv_bnrelu_forward_kernel)[grid](
-        u, scale if scale is not None else bias, shift if shift is not None else bias,
+    _launch(
+        _conv_bnrelu_forward_kernel, grid, u, scale if scale is not None else bias,
+        shift if shift is not None else bias,
         weight, *weight.stride(), bias, residual if residual is not None else y, low if low is not None else y, y,
         psum if stats else bias, pm2 if stats else bias, m, h, w, k, c_out,
         KSIZE=ksize, PROLOGUE=scale is not None, HAS_RES=residual is not None, HAS_LOW=low is not None,
@@ -522,8 +562,9 @@ def conv_bnrelu_dgrad(dy: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, s
     def grid(meta):
         return triton.cdiv(m, STATS_BLOCK_M), triton.cdiv(k, meta["BLOCK_N"])
 
-    torch.library.wrap_triton(_conv_bnrelu_dgrad_kernel)[grid](
-        dy, weight, *weight.stride(), u, scale if prologue else dz, shift if prologue else dz,
+    _launch(
+        _conv_bnrelu_dgrad_kernel, grid, dy, weight, *weight.stride(), u, scale if prologue else dz,
+        shift if prologue else dz,
         mean if prologue else dz, invstd if prologue else dz, dz, psum if prologue else dz, pdot if prologue else dz,
         m, h, w, k, c_out, KSIZE=ksize, PROLOGUE=prologue, DOT_PRECISION=_dot_precision(u.dtype),
         BLOCK_M=STATS_BLOCK_M)
@@ -553,8 +594,9 @@ def conv_bnrelu_wgrad(u: torch.Tensor, scale: torch.Tensor | None, shift: torch.
         def grid(meta):
             return ksize * ksize * triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(c_out, meta["BLOCK_N"]), splits
 
-        torch.library.wrap_triton(_conv_bnrelu_wgrad_kernel)[grid](
-            u, scale if scale is not None else db_parts, shift if shift is not None else db_parts, dy, dw_parts,
+        _launch(
+            _conv_bnrelu_wgrad_kernel, grid, u, scale if scale is not None else db_parts,
+            shift if shift is not None else db_parts, dy, dw_parts,
             db_parts, m, h, w, k, c_out, rows_per_split, KSIZE=ksize, PROLOGUE=scale is not None,
             DOT_PRECISION=_dot_precision(u.dtype))
     dw = dw_parts.sum(0).reshape(ksize, ksize, k, c_out).permute(3, 2, 0, 1).contiguous()
@@ -572,7 +614,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pm2 = torch.empty_like(psum)
     if m > 0:
         grid = (stats_tiles(m), triton.cdiv(c, EW_BLOCK_C))
-        torch.library.wrap_triton(_channel_stats_kernel)[grid](x, psum, pm2, m, c, BLOCK_M=STATS_BLOCK_M,
+        _launch(_channel_stats_kernel, grid, x, psum, pm2, m, c, BLOCK_M=STATS_BLOCK_M,
                                                                BLOCK_C=EW_BLOCK_C)
     return psum, pm2
 
@@ -591,8 +633,9 @@ def bn_backward_apply(dz: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, a: 
     m = u.numel() // max(ch, 1)
     if m > 0:
         grid = (triton.cdiv(m, EW_BLOCK_M), triton.cdiv(ch, EW_BLOCK_C))
-        torch.library.wrap_triton(_bn_backward_apply_kernel)[grid](
-            dz, u, mean, a, b, c, extra if extra is not None else du, du, m, ch, HAS_EXTRA=extra is not None,
+        _launch(
+            _bn_backward_apply_kernel, grid, dz, u, mean, a, b, c, extra if extra is not None else du, du, m, ch,
+            HAS_EXTRA=extra is not None,
             BLOCK_M=EW_BLOCK_M, BLOCK_C=EW_BLOCK_C)
     return du
 
@@ -609,7 +652,7 @@ def sum_pool2x2_nhwc(g: torch.Tensor) -> torch.Tensor:
     m_low = n * (h // 2) * (w // 2)
     if m_low > 0:
         grid = (triton.cdiv(m_low, EW_BLOCK_M), triton.cdiv(c, EW_BLOCK_C))
-        torch.library.wrap_triton(_sum_pool2x2_kernel)[grid](g, out, m_low, h, w, c, BLOCK_M=EW_BLOCK_M,
+        _launch(_sum_pool2x2_kernel, grid, g, out, m_low, h, w, c, BLOCK_M=EW_BLOCK_M,
                                                              BLOCK_C=EW_BLOCK_C)
     return out
 
