@@ -84,7 +84,7 @@ def _compile(job, ptxas):
     from triton.compiler import ASTSource, make_backend
 
     label, ci, cfg_kwargs, num_warps, num_stages, arch, dtype, args, constexprs, aligned = job
-    kernel = dict((k[0], k[1]) for k in ((lab, kern) for lab, kern, *_ in _kernels()))[label]
+    kernel = next(kern for lab, kern, *_ in _kernels() if lab == label)  # kernels do not pickle
     fn = getattr(kernel, "fn", kernel)  # the JITFunction under triton.autotune
     act = "*bf16" if dtype == "bf16" else "*fp32"
     consts = {**constexprs, **cfg_kwargs}
@@ -134,27 +134,27 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     jobs = _jobs(args.arch, args.dtype)
     start = time.time()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(_compile, jobs, [args.ptxas] * len(jobs)))
-    failures = 0
     header = (f"{'kernel':<20} {'config':<24} {'dtype':<5} {'target':<7} {'regs':>4} {'smem KiB':>8} "
               f"{'spill B':>7}  status")
     print(header)
-    print("-" * len(header))
-    for r in rows:
-        problems = []
-        if r["error"]:
-            problems.append(r["error"])
-        else:
-            if r["spills"]:
-                problems.append("SPILLS")
-            if r["smem"] > SMEM_LIMIT[r["arch"]]:
-                problems.append(f"SHARED > {SMEM_LIMIT[r['arch']] // 1024} KiB")
-        failures += bool(problems)
-        status = "; ".join(problems) if problems else ("ok (wgmma)" if r["wgmma"] else "ok")
-        smem = f"{r['smem'] / 1024:.1f}" if r["smem"] >= 0 else "-"
-        print(f"{r['kernel']:<20} {r['config']:<24} {r['dtype']:<5} {r['sm']:<7} {r['regs']:>4} {smem:>8} "
-              f"{r['spills']:>7}  {status}")
+    print("-" * len(header), flush=True)
+    rows, failures = [], 0
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for r in pool.map(_compile, jobs, [args.ptxas] * len(jobs)):  # rows print in job order as they finish
+            rows.append(r)
+            problems = []
+            if r["error"]:
+                problems.append(r["error"])
+            else:
+                if r["spills"]:
+                    problems.append("SPILLS")
+                if r["smem"] > SMEM_LIMIT[r["arch"]]:
+                    problems.append(f"SHARED > {SMEM_LIMIT[r['arch']] // 1024} KiB")
+            failures += bool(problems)
+            status = "; ".join(problems) if problems else ("ok (wgmma)" if r["wgmma"] else "ok")
+            smem = f"{r['smem'] / 1024:.1f}" if r["smem"] >= 0 else "-"
+            print(f"{r['kernel']:<20} {r['config']:<24} {r['dtype']:<5} {r['sm']:<7} {r['regs']:>4} {smem:>8} "
+                  f"{r['spills']:>7}  {status}", flush=True)
     print(f"\n{len(rows)} compilations in {time.time() - start:.0f} s, {failures} with problems")
     return 1 if failures else 0
 

@@ -313,3 +313,18 @@ def test_argument_errors_name_the_argument():
         ops.conv1x1_bnrelu(u, scale, None, weight, bias, None, None, False)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         ops.channel_stats(u.double())
+
+
+def test_dynamo_traces_ops_without_graph_break():
+    """torch.compile sees the triton_ops as single nodes (fullgraph: no break). Lowering the kernels themselves
+    needs a GPU (tests/triton/test_gpu.py); the interpreter cannot run under fake-tensor tracing."""
+    u, scale, shift, weight, bias, _, _ = _inputs(2, 3, 3, 20, 18, 1)
+
+    def fn(x):
+        y, psum, pm2 = ops.conv1x1_bnrelu(x, scale, shift, weight, bias, None, None, True)
+        return y * 2, psum
+
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    got, want = compiled(u), fn(u)
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
