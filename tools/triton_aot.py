@@ -84,24 +84,24 @@ def _compile(job, ptxas):
     from triton.compiler import ASTSource, make_backend
 
     label, ci, cfg_kwargs, num_warps, num_stages, arch, dtype, args, constexprs, aligned = job
-    kernel = next(kern for lab, kern, *_ in _kernels() if lab == label)  # kernels do not pickle
-    fn = getattr(kernel, "fn", kernel)  # the JITFunction under triton.autotune
-    act = "*bf16" if dtype == "bf16" else "*fp32"
-    consts = {**constexprs, **cfg_kwargs}
-    if "DOT_PRECISION" in fn.arg_names:
-        consts["DOT_PRECISION"] = "ieee"
-    signature = {}
-    for name in fn.arg_names:
-        signature[name] = "constexpr" if name in consts else (act if args[name] == ACT else args[name])
-    # Specialisations the JIT would make at the H100 shapes: 16-byte-aligned pointers, channel counts and row
-    # counts divisible by 16.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name not in consts and (signature[name].startswith("*") or name in aligned)}
     cfg = ",".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in cfg_kwargs.items())
     cfg = f"{cfg + ',' if cfg else ''}w{num_warps}s{num_stages}"
     row = {"kernel": label, "config": cfg, "arch": arch, "dtype": dtype}
     t0 = time.time()
     try:
+        kernel = next(kern for lab, kern, *_ in _kernels() if lab == label)  # kernels do not pickle
+        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # the JITFunction
+        act = "*bf16" if dtype == "bf16" else "*fp32"
+        consts = {**constexprs, **cfg_kwargs}
+        if "DOT_PRECISION" in fn.arg_names:
+            consts["DOT_PRECISION"] = "ieee"
+        signature = {}
+        for name in fn.arg_names:
+            signature[name] = "constexpr" if name in consts else (act if args[name] == ACT else args[name])
+        # Specialisations the JIT makes at the H100 shapes: 16-byte-aligned pointers, channel and row counts
+        # divisible by 16.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name not in consts and (signature[name].startswith("*") or name in aligned)}
         target = GPUTarget("cuda", arch, 32)
         options = make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages})
         compiled = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=target,
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             status = "; ".join(problems) if problems else ("ok (wgmma)" if r["wgmma"] else "ok")
             smem = f"{r['smem'] / 1024:.1f}" if r["smem"] >= 0 else "-"
             print(f"{r['kernel']:<20} {r['config']:<24} {r['dtype']:<5} {r['sm']:<7} {r['regs']:>4} {smem:>8} "
-                  f"{r['spills']:>7}  {status}", flush=True)
+                  f"{r['spills']:>7}  {status}  [{r['seconds']:.0f} s]", flush=True)
     print(f"\n{len(rows)} compilations in {time.time() - start:.0f} s, {failures} with problems")
     return 1 if failures else 0
 

@@ -137,27 +137,29 @@ def _conv_bnrelu_forward_kernel(
     w_idx = rm % W
     h_idx = (rm // W) % H
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(KSIZE * KSIZE):
+    # One flat loop over (tap, K block) pairs, so the software pipeline spans the whole reduction (a 3×3 over 128
+    # channels is 9 × 2 iterations, not 9 loops of 2).
+    num_kb = tl.cdiv(K, BLOCK_K)
+    for it in range(0, KSIZE * KSIZE * num_kb):
+        tap = it // num_kb
+        rk = (it - tap * num_kb) * BLOCK_K + tl.arange(0, BLOCK_K)
         dh = tap // KSIZE - KSIZE // 2
         dw = tap % KSIZE - KSIZE // 2
         # The tap reads the same image at (h + dh, w + dw): a shift of dh·W + dw rows when in bounds.
         valid = m_mask & (h_idx + dh >= 0) & (h_idx + dh < H) & (w_idx + dw >= 0) & (w_idx + dw < W)
         src = (rm + dh * W + dw).to(tl.int64)
-        w_tap = w_ptr + (dh + KSIZE // 2) * stride_wh + (dw + KSIZE // 2) * stride_ww
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < K
-            a_mask = valid[:, None] & k_mask[None, :]
-            a = tl.load(u_ptr + src[:, None] * K + rk[None, :], mask=a_mask, other=0.0)
-            b = tl.load(w_tap + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if PROLOGUE:
-                scale = tl.load(scale_ptr + rk, mask=k_mask, other=0.0)
-                shift = tl.load(shift_ptr + rk, mask=k_mask, other=0.0)
-                r = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-                # Zero padding belongs to r: masked taps must give 0, not relu(shift).
-                a = _round(tl.where(a_mask, r, 0.0), b.dtype)
-            acc = _mma(a, b, acc, DOT_PRECISION)
+        k_mask = rk < K
+        a_mask = valid[:, None] & k_mask[None, :]
+        a = tl.load(u_ptr + src[:, None] * K + rk[None, :], mask=a_mask, other=0.0)
+        b = tl.load(w_ptr + tap // KSIZE * stride_wh + tap % KSIZE * stride_ww + rk[:, None] * stride_wk
+                    + rn[None, :] * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if PROLOGUE:
+            scale = tl.load(scale_ptr + rk, mask=k_mask, other=0.0)
+            shift = tl.load(shift_ptr + rk, mask=k_mask, other=0.0)
+            r = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            # Zero padding belongs to r: masked taps must give 0, not relu(shift).
+            a = _round(tl.where(a_mask, r, 0.0), b.dtype)
+        acc = _mma(a, b, acc, DOT_PRECISION)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
@@ -221,20 +223,20 @@ def _conv_bnrelu_dgrad_kernel(
     w_idx = rm % W
     h_idx = (rm // W) % H
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(KSIZE * KSIZE):
+    num_cb = tl.cdiv(C_OUT, BLOCK_K)
+    for it in range(0, KSIZE * KSIZE * num_cb):  # flat (tap, C_OUT block) loop, as in the forward kernel
+        tap = it // num_cb
+        rc = (it - tap * num_cb) * BLOCK_K + tl.arange(0, BLOCK_K)
         dh = tap // KSIZE - KSIZE // 2
         dw = tap % KSIZE - KSIZE // 2
         # Input (h, w) feeds output (h − dh, w − dw) through tap (dh, dw): the transposed convolution.
         valid = m_mask & (h_idx - dh >= 0) & (h_idx - dh < H) & (w_idx - dw >= 0) & (w_idx - dw < W)
         src = (rm - dh * W - dw).to(tl.int64)
-        w_tap = w_ptr + (dh + KSIZE // 2) * stride_wh + (dw + KSIZE // 2) * stride_ww
-        for c0 in range(0, C_OUT, BLOCK_K):
-            rc = c0 + tl.arange(0, BLOCK_K)
-            c_mask = rc < C_OUT
-            a = tl.load(dy_ptr + src[:, None] * C_OUT + rc[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
-            b = tl.load(w_tap + rc[:, None] * stride_wn + rk[None, :] * stride_wk,
-                        mask=c_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = _mma(a, b.to(a.dtype), acc, DOT_PRECISION)
+        c_mask = rc < C_OUT
+        a = tl.load(dy_ptr + src[:, None] * C_OUT + rc[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
+        b = tl.load(w_ptr + tap // KSIZE * stride_wh + tap % KSIZE * stride_ww + rc[:, None] * stride_wn
+                    + rk[None, :] * stride_wk, mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _mma(a, b.to(a.dtype), acc, DOT_PRECISION)
 
     out_mask = m_mask[:, None] & k_mask[None, :]
     off = rm.to(tl.int64)[:, None] * K + rk[None, :]
