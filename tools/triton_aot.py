@@ -32,7 +32,8 @@ F32 = "*fp32"
 
 
 def _kernels():
-    """(label, autotuned-or-plain kernel, {arg: type or ACT}, {constexpr: value}, [divisible-by-16 args])."""
+    """(label, kernel or {torch dtype: autotuned kernel}, {arg: type or ACT}, {constexpr: value},
+    [args divisible by 16])."""
     from fused_hourglass.triton import conv_kernels as ck
 
     strides = {"stride_wn": "i32", "stride_wk": "i32", "stride_wh": "i32", "stride_ww": "i32"}
@@ -46,12 +47,12 @@ def _kernels():
     aligned = ["M", "K", "C_OUT", "ROWS_PER_SPLIT"]
     out = []
     for ksize in (1, 3):
-        out.append((f"conv_forward_k{ksize}", ck._conv_bnrelu_forward_kernel, fwd,
+        out.append((f"conv_forward_k{ksize}", ck.TUNED["conv_forward"], fwd,
                     {"KSIZE": ksize, "PROLOGUE": True, "HAS_RES": True, "HAS_LOW": True, "STATS": True,
                      "BLOCK_M": ck.STATS_BLOCK_M}, aligned))
-        out.append((f"conv_dgrad_k{ksize}", ck._conv_bnrelu_dgrad_kernel, dgrad,
+        out.append((f"conv_dgrad_k{ksize}", ck.TUNED["conv_dgrad"], dgrad,
                     {"KSIZE": ksize, "PROLOGUE": True, "BLOCK_M": ck.STATS_BLOCK_M}, aligned))
-        out.append((f"conv_wgrad_k{ksize}", ck._conv_bnrelu_wgrad_kernel, wgrad,
+        out.append((f"conv_wgrad_k{ksize}", ck.TUNED["conv_wgrad"], wgrad,
                     {"KSIZE": ksize, "PROLOGUE": True}, aligned))
     ew = {"BLOCK_M": ck.EW_BLOCK_M, "BLOCK_C": ck.EW_BLOCK_C}
     out.append(("channel_stats", ck._channel_stats_kernel,
@@ -68,14 +69,23 @@ def _jobs(archs, dtypes):
     import triton
 
     jobs = []
-    for label, kernel, args, constexprs, aligned in _kernels():
-        configs = getattr(kernel, "configs", None) or [triton.Config({}, num_warps=4, num_stages=1)]
-        for ci, cfg in enumerate(configs):
-            for arch in archs:
-                for dtype in dtypes:
-                    jobs.append((label, ci, cfg.kwargs, cfg.num_warps, cfg.num_stages, arch, dtype, args, constexprs,
+    for label, _, args, constexprs, aligned in _kernels():
+        for dtype in dtypes:
+            kernel = _kernel_for(label, dtype)
+            configs = getattr(kernel, "configs", None) or [triton.Config({}, num_warps=4, num_stages=1)]
+            for cfg in configs:
+                for arch in archs:
+                    jobs.append((label, cfg.kwargs, cfg.num_warps, cfg.num_stages, arch, dtype, args, constexprs,
                                  aligned))
     return jobs
+
+
+def _kernel_for(label: str, dtype: str):
+    """The kernel the launchers run for `label` on `dtype` activations (looked up anew: kernels do not pickle)."""
+    import torch
+
+    kernel = next(kern for lab, kern, *_ in _kernels() if lab == label)
+    return kernel[{"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]] if isinstance(kernel, dict) else kernel
 
 
 def _compile(job, ptxas):
@@ -83,13 +93,13 @@ def _compile(job, ptxas):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    label, ci, cfg_kwargs, num_warps, num_stages, arch, dtype, args, constexprs, aligned = job
+    label, cfg_kwargs, num_warps, num_stages, arch, dtype, args, constexprs, aligned = job
     cfg = ",".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in cfg_kwargs.items())
     cfg = f"{cfg + ',' if cfg else ''}w{num_warps}s{num_stages}"
     row = {"kernel": label, "config": cfg, "arch": arch, "dtype": dtype}
     t0 = time.time()
     try:
-        kernel = next(kern for lab, kern, *_ in _kernels() if lab == label)  # kernels do not pickle
+        kernel = _kernel_for(label, dtype)
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # the JITFunction
         act = "*bf16" if dtype == "bf16" else "*fp32"
         consts = {**constexprs, **cfg_kwargs}

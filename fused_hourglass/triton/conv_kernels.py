@@ -31,14 +31,21 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 STATS_BLOCK_M = 16 if INTERPRET else 128
 
 
-def _conv_configs() -> list[triton.Config]:
+def _conv_configs(fp32: bool) -> list[triton.Config]:
     """Forward / dgrad tiles: BLOCK_M is STATS_BLOCK_M; BLOCK_N spans output channels, BLOCK_K the reduction.
 
-    H100 sizing: a 128×128×32 bf16 tile uses 16 KiB of shared memory per stage; the fp32 variants double it and
-    stay below sm_80's 163 KiB with three stages. The interpreter gets one small configuration.
+    bf16 / fp16 (tensor cores; wgmma on sm_90): a 128×128×32 tile takes 16 KiB of shared memory per stage and
+    stays below 255 registers with 8 warps. fp32 without TF32 is an FMA product whose operands live in registers,
+    so its tiles are smaller and always use 8 warps (tools/triton_aot.py checks both for spills). The interpreter
+    gets one small configuration.
     """
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    if fp32:
+        return [
+            triton.Config({"BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=8, num_stages=4),
+        ]
     return [
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
@@ -46,19 +53,23 @@ def _conv_configs() -> list[triton.Config]:
     ]
 
 
-def _wgrad_configs() -> list[triton.Config]:
+def _wgrad_configs(fp32: bool) -> list[triton.Config]:
     """Weight-gradient tiles: a [BLOCK_K, BLOCK_N] tile of dW reduced over BLOCK_M rows at a time."""
     if INTERPRET:
         return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_M": 16}, num_warps=1, num_stages=1)]
+    if fp32:
+        return [
+            triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_M": 16}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_K": 32, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+        ]
     return [
         triton.Config({"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_M": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=4),
     ]
 
 
-CONV_CONFIGS = _conv_configs()
-WGRAD_CONFIGS = _wgrad_configs()
+_TUNE_KEY = ["M", "K", "C_OUT", "KSIZE"]
 # Rows handled by one split of the weight-gradient reduction are a multiple of every wgrad BLOCK_M.
 WGRAD_ROW_QUANTUM = 16 if INTERPRET else 128
 # Elementwise kernels: rows × channels per program.
@@ -96,7 +107,6 @@ def _round(x, dtype: tl.constexpr):
     return out
 
 
-@triton.autotune(configs=CONV_CONFIGS, key=["M", "K", "C_OUT", "KSIZE"])
 @triton.jit
 def _conv_bnrelu_forward_kernel(
     u_ptr,  # [N, H, W, K] conv input before its BN, NHWC contiguous (row stride K)
@@ -185,7 +195,6 @@ def _conv_bnrelu_forward_kernel(
         tl.store(m2_ptr + pid_m * C_OUT + rn, tl.sum(dev * dev, axis=0), mask=n_mask)
 
 
-@triton.autotune(configs=CONV_CONFIGS, key=["M", "K", "C_OUT", "KSIZE"])
 @triton.jit
 def _conv_bnrelu_dgrad_kernel(
     dy_ptr,  # [M, C_OUT] gradient of the conv output, NHWC contiguous
@@ -256,7 +265,6 @@ def _conv_bnrelu_dgrad_kernel(
         tl.store(dz_ptr + off, _round(acc, dz_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=["M", "K", "C_OUT", "KSIZE"])
 @triton.jit
 def _conv_bnrelu_wgrad_kernel(
     u_ptr,  # [M, K] conv input before its BN, NHWC contiguous
@@ -408,6 +416,20 @@ def _sum_pool2x2_kernel(
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :], _round(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
+# The GEMM kernels autotuned twice over the same JIT function: tensor-core tiles for bf16 / fp16 operands, FMA-sized
+# tiles for fp32. `TUNED[name][dtype]` is what the launchers run (and what tools/triton_aot.py compiles).
+def _autotuned(kernel, configs) -> dict[torch.dtype, triton.runtime.Autotuner]:
+    low, fp32 = (triton.autotune(configs=configs(fp32), key=_TUNE_KEY)(kernel) for fp32 in (False, True))
+    return {torch.bfloat16: low, torch.float16: low, torch.float32: fp32}
+
+
+TUNED = {
+    "conv_forward": _autotuned(_conv_bnrelu_forward_kernel, _conv_configs),
+    "conv_dgrad": _autotuned(_conv_bnrelu_dgrad_kernel, _conv_configs),
+    "conv_wgrad": _autotuned(_conv_bnrelu_wgrad_kernel, _wgrad_configs),
+}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers, registered as `fused_hourglass::*` ops with `torch.library.triton_op` so torch.compile traces into the
 # kernels. Activations are 4-D NHWC-contiguous tensors [N, H, W, C]; weights keep PyTorch's [C_out, C_in, k, k]
@@ -499,7 +521,7 @@ def _conv_forward(u: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tens
 
     # Unused pointer arguments are bound to a live tensor; their constexpr flag keeps them unread.
     _launch(
-        _conv_bnrelu_forward_kernel, grid, u, scale if scale is not None else bias,
+        TUNED["conv_forward"][u.dtype], grid, u, scale if scale is not None else bias,
         shift if shift is not None else bias,
         weight, *weight.stride(), bias, residual if residual is not None else y, low if low is not None else y, y,
         psum if stats else bias, pm2 if stats else bias, m, h, w, k, c_out,
@@ -565,7 +587,7 @@ def conv_bnrelu_dgrad(dy: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, s
         return triton.cdiv(m, STATS_BLOCK_M), triton.cdiv(k, meta["BLOCK_N"])
 
     _launch(
-        _conv_bnrelu_dgrad_kernel, grid, dy, weight, *weight.stride(), u, scale if prologue else dz,
+        TUNED["conv_dgrad"][u.dtype], grid, dy, weight, *weight.stride(), u, scale if prologue else dz,
         shift if prologue else dz,
         mean if prologue else dz, invstd if prologue else dz, dz, psum if prologue else dz, pdot if prologue else dz,
         m, h, w, k, c_out, KSIZE=ksize, PROLOGUE=prologue, DOT_PRECISION=_dot_precision(u.dtype),
@@ -597,7 +619,7 @@ def conv_bnrelu_wgrad(u: torch.Tensor, scale: torch.Tensor | None, shift: torch.
             return ksize * ksize * triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(c_out, meta["BLOCK_N"]), splits
 
         _launch(
-            _conv_bnrelu_wgrad_kernel, grid, u, scale if scale is not None else db_parts,
+            TUNED["conv_wgrad"][u.dtype], grid, u, scale if scale is not None else db_parts,
             shift if shift is not None else db_parts, dy, dw_parts,
             db_parts, m, h, w, k, c_out, rows_per_split, KSIZE=ksize, PROLOGUE=scale is not None,
             DOT_PRECISION=_dot_precision(u.dtype))
