@@ -1,0 +1,148 @@
+"""The fused residual block: the reference `Residual` (DESIGN.md §1.2) as three BN-ReLU-prologue convs.
+
+Forward, training mode (M = N·H·W):
+    stats(x) → bn1 → conv1 1×1 [epilogue: stats(y1)] → bn2 → conv2 3×3 [stats(y2)] → bn3 →
+    conv3 1×1 [epilogue: + skip (+ up2x(low))]
+where each "bnK" is only a finalize of per-tile partials into scale/shift (and the running-stats update); the
+normalised, rectified tensors are never written. Saved for backward: x, y1, y2 (conv outputs before their BN)
+and per-channel vectors. Backward runs, per conv from the last: dgrad (ReLU mask and BN reductions in its
+epilogue) and wgrad (prologue recomputed), then one elementwise pass for the BN input gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..reference.model import Residual
+from . import conv_kernels as ck
+
+__all__ = ["FusedResidualFunction", "FusedResidual", "fused_residual"]
+
+_ops = torch.ops.fused_hourglass
+
+
+def _bn_affine(bn: nn.BatchNorm2d, batch_stats: tuple[torch.Tensor, torch.Tensor] | None, m: int):
+    """(scale, shift, mean, invstd) of a BN: from batch partials (and a running-stats update) when given, else
+    from the running statistics (eval)."""
+    if batch_stats is not None:
+        return ck.finalize_stats(*batch_stats, m, bn)
+    return ck.affine_from_stats(bn.running_mean, bn.running_var, bn)
+
+
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+class FusedResidualFunction(torch.autograd.Function):
+    """out = Residual(x) [+ up2x(low)] on NHWC-contiguous tensors; differentiable in x, low and every parameter.
+
+    Inputs after the non-tensor ones are the parameters in `_params(block)` order.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, low: torch.Tensor | None, block: Residual, *params: torch.Tensor):
+        n, h, w, _ = x.shape
+        m = n * h * w
+        dt = x.dtype
+        bn1, bn2, bn3 = block.bn1, block.bn2, block.bn3
+        w1, w2, w3, ws = (conv.conv.weight.detach().to(dt) for conv in (block.conv1, block.conv2, block.conv3,
+                                                                       block.skip_layer))
+        b1, b2, b3, bs = (conv.conv.bias.detach().float() for conv in (block.conv1, block.conv2, block.conv3,
+                                                                      block.skip_layer))
+        batch = [_uses_batch_stats(bn) for bn in (bn1, bn2, bn3)]
+
+        s1 = _bn_affine(bn1, _ops.channel_stats(x) if batch[0] else None, m)
+        y1, psum, pm2 = _ops.conv1x1_bnrelu(x, s1[0], s1[1], w1, b1, None, None, batch[1])
+        s2 = _bn_affine(bn2, (psum, pm2) if batch[1] else None, m)
+        y2, psum, pm2 = _ops.conv3x3_bnrelu(y1, s2[0], s2[1], w2, b2, None, None, batch[2])
+        s3 = _bn_affine(bn3, (psum, pm2) if batch[2] else None, m)
+        skip = _ops.conv1x1_bnrelu(x, None, None, ws, bs, None, None, False)[0] if block.need_skip else x
+        out = _ops.conv1x1_bnrelu(y2, s3[0], s3[1], w3, b3, skip, low, False)[0]
+
+        gammas = [bn.weight.detach().float() if bn.weight is not None else torch.ones_like(s[0])
+                  for bn, s in ((bn1, s1), (bn2, s2), (bn3, s3))]
+        ctx.save_for_backward(x, y1, y2, w1, w2, w3, ws, *s1, *s2, *s3, *gammas)
+        ctx.batch = batch
+        ctx.need_skip = block.need_skip
+        ctx.has_low = low is not None
+        ctx.param_dtypes = [p.dtype for p in params]
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, y1, y2, w1, w2, w3, ws, *rest = ctx.saved_tensors
+        s1, s2, s3, gammas = rest[0:4], rest[4:8], rest[8:12], rest[12:15]
+        g = g.contiguous()
+        n, h, w, _ = x.shape
+        m = n * h * w
+
+        def bn_conv_backward(dy, weight, u, s, gamma, batch, extra):
+            """Gradients through relu(bn(u)) → conv: (du, dW, dbias, dγ, dβ)."""
+            dz, psum, pdot = _ops.conv_bnrelu_dgrad(dy, weight, u, *s)
+            dw, db = _ops.conv_bnrelu_wgrad(u, s[0], s[1], dy, weight.shape[-1])
+            sum_dz, sum_dz_xhat = psum.sum(0), pdot.sum(0)
+            a, b, c = ck.bn_backward_coefficients(gamma, s[2], s[3], sum_dz, sum_dz_xhat, m, batch)
+            du = _ops.bn_backward_apply(dz, u, s[2], a, b, c, extra)
+            return du, dw, db, sum_dz_xhat, sum_dz
+
+        dy2, dw3, db3, dg3, dbeta3 = bn_conv_backward(g, w3, y2, s3, gammas[2], ctx.batch[2], None)
+        dy1, dw2, db2, dg2, dbeta2 = bn_conv_backward(dy2, w2, y1, s2, gammas[1], ctx.batch[1], None)
+        if ctx.need_skip:
+            dx_skip = _ops.conv_bnrelu_dgrad(g, ws, x, None, None, None, None)[0]
+            dws, dbs = _ops.conv_bnrelu_wgrad(x, None, None, g, 1)
+        else:
+            dx_skip, dws, dbs = g, None, None
+        dx, dw1, db1, dg1, dbeta1 = bn_conv_backward(dy1, w1, x, s1, gammas[0], ctx.batch[0], dx_skip)
+        dlow = _ops.sum_pool2x2_nhwc(g) if ctx.has_low else None
+        grads = [dg1, dbeta1, dw1, db1, dg2, dbeta2, dw2, db2, dg3, dbeta3, dw3, db3, dws, dbs]
+        grads = [None if gr is None else gr.to(dtype) for gr, dtype in zip(grads, ctx.param_dtypes, strict=True)]
+        return (dx, dlow, None, *grads)
+
+
+def _params(block: Residual) -> list[torch.Tensor]:
+    """The block's parameters in FusedResidualFunction's order; BN without affine contributes fresh constants."""
+    out = []
+    for bn, conv in ((block.bn1, block.conv1), (block.bn2, block.conv2), (block.bn3, block.conv3)):
+        if bn.weight is None:
+            raise ValueError("fused_residual: BatchNorm layers must be affine (weight and bias), as in Residual")
+        out += [bn.weight, bn.bias, conv.conv.weight, conv.conv.bias]
+    return out + [block.skip_layer.conv.weight, block.skip_layer.conv.bias]
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not ck.INTERPRET:
+        raise RuntimeError(f"fused_residual: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU "
+                           f"tensors), got a tensor on {x.device}")
+
+
+def fused_residual(block: Residual, x: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+    """`block(x)` (+ nearest_up2x(low)) through the fused Triton kernels; same values, running-stat updates and
+    gradients as the reference module.
+
+    Args:
+        block: a reference `Residual` (its parameters, buffers and train/eval mode are used).
+        x: [N, C_in, H, W]; channels_last avoids a copy. Under autocast the block runs in the autocast dtype.
+        low: optional [N, C_out, H/2, W/2], added nearest-upsampled in conv3's epilogue (the hourglass merge).
+    Returns:
+        [N, C_out, H, W] in channels_last memory format.
+    """
+    _check_device(x)
+    if x.dim() != 4 or x.shape[1] != block.bn1.num_features:
+        raise ValueError(f"fused_residual: x must be [N, {block.bn1.num_features}, H, W], got {list(x.shape)}")
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    low_nhwc = None
+    if low is not None:
+        low_nhwc = low.to(x.dtype).permute(0, 2, 3, 1).contiguous()
+    out = FusedResidualFunction.apply(x_nhwc, low_nhwc, block, *_params(block))
+    return out.permute(0, 3, 1, 2)
+
+
+class FusedResidual(Residual):
+    """Drop-in `Residual` (same parameters, buffers and state-dict keys) whose forward runs the fused kernels;
+    `forward(x, low)` also folds the hourglass merge `+ up2x(low)` into the last conv."""
+
+    def forward(self, x: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+        return fused_residual(self, x, low)
