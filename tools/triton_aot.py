@@ -1,12 +1,13 @@
 """Ahead-of-time compile check of every Triton kernel, for GPUs this machine does not have (DESIGN.md §4).
 
-For each kernel × autotune configuration × architecture (sm_80, sm_90) × dtype (bf16, fp32) the kernel is compiled
+For each kernel × autotune configuration × architecture (sm_80, sm_90) × dtype (bf16; fp32 with IEEE products; fp32
+with TF32 products, as when torch.backends.cuda.matmul.allow_tf32 is set) the kernel is compiled
 with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` to PTX, and the PTX is assembled with
 `ptxas -arch=sm_XX -v` (the `.target` the PTX declares, e.g. sm_90a when wgmma is emitted) for registers and
 spills. The conv kernels are compiled with every epilogue flag on (the largest variant). Prints a table and exits
 non-zero on any compile error, register spill or shared-memory overflow.
 
-    python tools/triton_aot.py [--jobs 2] [--arch 80 90] [--dtype bf16 fp32] [--ptxas /usr/local/cuda/bin/ptxas]
+    python tools/triton_aot.py [--jobs 2] [--arch 80 90] [--dtype bf16 fp32 tf32] [--ptxas /usr/local/cuda/bin/ptxas]
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def _jobs(archs, dtypes):
     for label, _, args, constexprs, aligned in _kernels():
         for dtype in dtypes:
             kernel = _kernel_for(label, dtype)
+            if dtype == "tf32" and not isinstance(kernel, triton.runtime.Autotuner):
+                continue  # no tl.dot: identical to fp32
             configs = getattr(kernel, "configs", None) or [triton.Config({}, num_warps=4, num_stages=1)]
             for cfg in configs:
                 for arch in archs:
@@ -85,7 +88,8 @@ def _kernel_for(label: str, dtype: str):
     import torch
 
     kernel = next(kern for lab, kern, *_ in _kernels() if lab == label)
-    return kernel[{"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]] if isinstance(kernel, dict) else kernel
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "tf32": torch.float32}[dtype]
+    return kernel[torch_dtype] if isinstance(kernel, dict) else kernel
 
 
 def _compile(job, ptxas):
@@ -104,7 +108,7 @@ def _compile(job, ptxas):
         act = "*bf16" if dtype == "bf16" else "*fp32"
         consts = {**constexprs, **cfg_kwargs}
         if "DOT_PRECISION" in fn.arg_names:
-            consts["DOT_PRECISION"] = "ieee"
+            consts["DOT_PRECISION"] = "tf32" if dtype == "tf32" else "ieee"
         signature = {}
         for name in fn.arg_names:
             signature[name] = "constexpr" if name in consts else (act if args[name] == ACT else args[name])
@@ -138,7 +142,8 @@ def _compile(job, ptxas):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32", "tf32"], choices=["bf16", "fp32", "tf32"],
+                        help="tf32: fp32 tensors with allow_tf32 (tensor-core products on the fp32 tiles)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--ptxas", default="/usr/local/cuda/bin/ptxas")
     args = parser.parse_args(argv)

@@ -44,7 +44,7 @@ def _conv_configs(fp32: bool) -> list[triton.Config]:
     if fp32:
         return [
             triton.Config({"BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=8, num_stages=3),
         ]
     return [
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
