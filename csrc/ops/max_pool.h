@@ -43,6 +43,19 @@ FH_HOST_DEVICE inline int window_argmax(const scalar_t* p, int64_t dx, int64_t d
                         static_cast<acc_t>(p[dy + dx]));
 }
 
+// The value F.max_pool2d outputs for the window: the element at window_argmax. Without NaN that is the left
+// fold of max2 in window order, which keeps the first of equal maxima bit for bit (−0 before +0 stays −0); a
+// window holding a NaN (rare, so the branch predicts well) takes the argmax's element, its last NaN.
+template <typename scalar_t>
+FH_HOST_DEVICE inline scalar_t window_max(const scalar_t* p, int64_t dx, int64_t dy) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t v0 = static_cast<acc_t>(p[0]), v1 = static_cast<acc_t>(p[dx]);
+  const acc_t v2 = static_cast<acc_t>(p[dy]), v3 = static_cast<acc_t>(p[dy + dx]);
+  const bool any_nan = (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3);
+  if (any_nan) return p[tap_offset(argmax4(v0, v1, v2, v3), dx, dy)];
+  return static_cast<scalar_t>(max2(max2(max2(v0, v1), v2), v3));
+}
+
 inline void check_max_pool2x2(const at::Tensor& x, const char* op) {
   check_4d_float(x, op, "x");
   TORCH_CHECK_VALUE(x.size(2) % 2 == 0 && x.size(3) % 2 == 0, op,

@@ -33,8 +33,7 @@ template <bool kChannelsLast, typename scalar_t>
 void pool_run(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t count, int64_t dx_in, int64_t dy) {
   const int64_t step = kChannelsLast ? 1 : 2, dx = kChannelsLast ? dx_in : 1;
   for (int64_t j = 0; j < count; ++j) {
-    const scalar_t* p = in + j * step;
-    out[j] = p[tap_offset(window_argmax(p, dx, dy), dx, dy)];
+    out[j] = window_max(in + j * step, dx, dy);
   }
 }
 

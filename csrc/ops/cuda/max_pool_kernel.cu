@@ -36,8 +36,7 @@ __global__ void __launch_bounds__(kThreads) max_pool2x2_kernel(const scalar_t* _
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < numel; q += stride) {
     int64_t dx, dy;
-    const scalar_t* p = x + window_of<kChannelsLast>(q, c, in_h, in_w, dx, dy);
-    out[q] = p[tap_offset(window_argmax(p, dx, dy), dx, dy)];
+    out[q] = window_max(x + window_of<kChannelsLast>(q, c, in_h, in_w, dx, dy), dx, dy);
   }
 }
 
