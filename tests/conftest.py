@@ -3,11 +3,16 @@ missing extension into an error when FH_REQUIRE_EXTENSION=1 (CI), so a broken bu
 
 import os
 
-import pytest
 import torch
-from hypothesis import settings
 
-from fused_hourglass import _ext
+if not torch.cuda.is_available():
+    # Triton picks its interpreter when a kernel is decorated, so this must precede any import of triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from fused_hourglass import _ext  # noqa: E402
 
 settings.register_profile("fh", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("fh")

@@ -3,7 +3,6 @@ import torch
 
 from fused_hourglass import BACKENDS, HeatmapLoss, StackedHourglass, reference
 
-
 # "triton" runs Triton kernels: tested on a small model under the interpreter in tests/triton/test_model_backend.py.
 CPU_BACKENDS = [b for b in BACKENDS if b != "triton"]
 

@@ -31,9 +31,9 @@ struct WelfordState {
 
 // Every partial of a channel works on x − pivot, with the pivot one value of that channel (its first), so the
 // accumulated means are O(std) rather than O(|mean|): a float32 channel with mean 1e4 and std 1 would otherwise
-// lose about 1e-3 of absolute precision in every running-mean update. Since x and the pivot are both close to
-// the mean, x − pivot is exact (Sterbenz). A non-finite first value gives pivot 0, so inf and NaN propagate to
-// the statistics exactly as without a pivot.
+// lose about 1e-3 of absolute precision in every running-mean update. For such a channel x − pivot is even
+// exact (x within a factor 2 of the pivot: Sterbenz). A non-finite first value gives pivot 0, so inf and NaN
+// propagate to the statistics exactly as without a pivot.
 template <typename acc_t>
 FH_HOST_DEVICE inline acc_t welford_pivot(acc_t first) {
   return first - first == acc_t(0) ? first : acc_t(0);

@@ -10,36 +10,51 @@
 
 namespace fused_hourglass {
 
-// The value F.max_pool2d picks in a window and its position `best` (0..3, row-major: top-left, top-right,
-// bottom-left, bottom-right): a value replaces the running maximum when it is strictly greater or NaN. Hence
-// among equal maxima the first wins, a NaN beats every number, and among several NaNs the last one wins.
-// Written as selects, not branches, so the CPU loops over windows vectorise.
+// Position (0..3, row-major: top-left, top-right, bottom-left, bottom-right) of the value F.max_pool2d picks in
+// a window. F's rule is sequential: a value replaces the running maximum when it is strictly greater or NaN.
+// Hence, without NaN, the first maximum wins (ties included; an all −inf window gives 0), and with NaNs the
+// last NaN wins. It is evaluated here in that closed form, in integer arithmetic on comparison results: no
+// branches, which matters on the CPU, where a branchy argmax mispredicts on every other window of real data.
+// max(a, b) as a < b ? b : a: a single maxss on x86, branch-free.
 template <typename acc_t>
-FH_HOST_DEVICE inline acc_t max4(acc_t v0, acc_t v1, acc_t v2, acc_t v3, int& best) {
-  acc_t m = v0;
-  best = 0;
-  const bool t1 = v1 > m || v1 != v1;
-  m = t1 ? v1 : m;
-  best = t1 ? 1 : best;
-  const bool t2 = v2 > m || v2 != v2;
-  m = t2 ? v2 : m;
-  best = t2 ? 2 : best;
-  const bool t3 = v3 > m || v3 != v3;
-  m = t3 ? v3 : m;
-  best = t3 ? 3 : best;
-  return m;
+FH_HOST_DEVICE inline acc_t max2(acc_t a, acc_t b) {
+  return a < b ? b : a;
 }
 
-// The window whose top-left tap is p, with taps at p, p + dx, p + dy, p + dy + dx: its maximum, exactly one of
-// the four values (the conversion to opmath and back is exact), and the maximum's position.
-template <typename scalar_t>
-FH_HOST_DEVICE inline scalar_t window_max(const scalar_t* p, int64_t dx, int64_t dy, int& best) {
-  using acc_t = at::opmath_type<scalar_t>;
-  return static_cast<scalar_t>(max4<acc_t>(static_cast<acc_t>(p[0]), static_cast<acc_t>(p[dx]),
-                                           static_cast<acc_t>(p[dy]), static_cast<acc_t>(p[dy + dx]), best));
+template <typename acc_t>
+FH_HOST_DEVICE inline int argmax4(acc_t v0, acc_t v1, acc_t v2, acc_t v3) {
+  const acc_t m = max2(max2(v0, v1), max2(v2, v3));  // the maximum when there is no NaN
+  // v_i < m is "v_i is not the maximum" (no NaN); the first i where it is false is the first maximum.
+  const int below0 = v0 < m, below1 = v1 < m, below2 = v2 < m;
+  const int first_max = below0 + (below0 & below1) + (below0 & below1 & below2);
+  const int nan0 = v0 != v0, nan1 = v1 != v1, nan2 = v2 != v2, nan3 = v3 != v3;
+  const int last_nan = 3 * nan3 + (1 - nan3) * (2 * nan2 + (1 - nan2) * nan1);
+  const int any_nan = nan0 | nan1 | nan2 | nan3;
+  return any_nan * last_nan + (1 - any_nan) * first_max;
 }
 
 FH_HOST_DEVICE inline int64_t tap_offset(int k, int64_t dx, int64_t dy) { return (k & 1) * dx + (k >> 1) * dy; }
+
+// The window whose top-left tap is p, with taps at p, p + dx, p + dy, p + dy + dx: the position of its maximum.
+template <typename scalar_t>
+FH_HOST_DEVICE inline int window_argmax(const scalar_t* p, int64_t dx, int64_t dy) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return argmax4<acc_t>(static_cast<acc_t>(p[0]), static_cast<acc_t>(p[dx]), static_cast<acc_t>(p[dy]),
+                        static_cast<acc_t>(p[dy + dx]));
+}
+
+// The value F.max_pool2d outputs for the window: the element at window_argmax. Without NaN that is the left
+// fold of max2 in window order, which keeps the first of equal maxima bit for bit (−0 before +0 stays −0); a
+// window holding a NaN (rare, so the branch predicts well) takes the argmax's element, its last NaN.
+template <typename scalar_t>
+FH_HOST_DEVICE inline scalar_t window_max(const scalar_t* p, int64_t dx, int64_t dy) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t v0 = static_cast<acc_t>(p[0]), v1 = static_cast<acc_t>(p[dx]);
+  const acc_t v2 = static_cast<acc_t>(p[dy]), v3 = static_cast<acc_t>(p[dy + dx]);
+  const bool any_nan = (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3);
+  if (any_nan) return p[tap_offset(argmax4(v0, v1, v2, v3), dx, dy)];
+  return static_cast<scalar_t>(max2(max2(max2(v0, v1), v2), v3));
+}
 
 inline void check_max_pool2x2(const at::Tensor& x, const char* op) {
   check_4d_float(x, op, "x");

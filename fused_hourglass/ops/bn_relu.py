@@ -43,7 +43,8 @@ def _check_backward(op: str, grad: torch.Tensor, u: torch.Tensor, **vectors: tor
     check_4d_float(u, op, "u")
     check_same_dtype_device(grad, "grad", u, "u", op)
     if grad.shape != u.shape:
-        raise ValueError(f"{op}: grad and u must have the same shape, got grad {list(grad.shape)} and u {list(u.shape)}")
+        raise ValueError(f"{op}: grad and u must have the same shape, "
+                         f"got grad {list(grad.shape)} and u {list(u.shape)}")
     for name, v in vectors.items():
         _check_channel_vector(v, u, op, name)
 

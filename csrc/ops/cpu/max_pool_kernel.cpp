@@ -33,8 +33,7 @@ template <bool kChannelsLast, typename scalar_t>
 void pool_run(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t count, int64_t dx_in, int64_t dy) {
   const int64_t step = kChannelsLast ? 1 : 2, dx = kChannelsLast ? dx_in : 1;
   for (int64_t j = 0; j < count; ++j) {
-    int best;
-    out[j] = window_max(in + j * step, dx, dy, best);
+    out[j] = window_max(in + j * step, dx, dy);
   }
 }
 
@@ -43,17 +42,16 @@ void unpool_run(const scalar_t* __restrict__ in, const scalar_t* __restrict__ gr
                 int64_t count, int64_t dx_in, int64_t dy) {
   const int64_t step = kChannelsLast ? 1 : 2, dx = kChannelsLast ? dx_in : 1;
   const scalar_t zero(0);
-  // Windows tile the input exactly (even H and W), so every element of dx is written once: the window's
-  // gradient at its argmax, zero at the other three taps.
+  // Windows tile the input exactly (even H and W), so every element of dx is written: zero at all four taps,
+  // then the window's gradient at its argmax (an indexed store rather than four selects, so no branches).
   for (int64_t j = 0; j < count; ++j) {
     const int64_t o = j * step;
-    int best;
-    window_max(in + o, dx, dy, best);
-    const scalar_t g = grad[j];
-    dx_out[o] = best == 0 ? g : zero;
-    dx_out[o + dx] = best == 1 ? g : zero;
-    dx_out[o + dy] = best == 2 ? g : zero;
-    dx_out[o + dy + dx] = best == 3 ? g : zero;
+    const int best = window_argmax(in + o, dx, dy);
+    dx_out[o] = zero;
+    dx_out[o + dx] = zero;
+    dx_out[o + dy] = zero;
+    dx_out[o + dy + dx] = zero;
+    dx_out[o + tap_offset(best, dx, dy)] = grad[j];
   }
 }
 

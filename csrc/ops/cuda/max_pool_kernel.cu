@@ -36,8 +36,7 @@ __global__ void __launch_bounds__(kThreads) max_pool2x2_kernel(const scalar_t* _
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < numel; q += stride) {
     int64_t dx, dy;
-    int best;
-    out[q] = window_max(x + window_of<kChannelsLast>(q, c, in_h, in_w, dx, dy), dx, dy, best);
+    out[q] = window_max(x + window_of<kChannelsLast>(q, c, in_h, in_w, dx, dy), dx, dy);
   }
 }
 
@@ -51,8 +50,7 @@ __global__ void __launch_bounds__(kThreads) max_pool2x2_backward_kernel(const sc
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < numel; q += stride) {
     int64_t dx, dy;
     const int64_t w = window_of<kChannelsLast>(q, c, in_h, in_w, dx, dy);
-    int k;
-    window_max(x + w, dx, dy, k);
+    const int k = window_argmax(x + w, dx, dy);
     const scalar_t g = grad[q];
 #pragma unroll
     for (int t = 0; t < 4; ++t) dx_out[w + tap_offset(t, dx, dy)] = t == k ? g : scalar_t(0);
