@@ -30,7 +30,7 @@ void for_each_window_run(bool channels_last, int64_t n, int64_t c, int64_t in_h,
 // In a run, window j starts at in + j·step: step = 2 and dx = 1 in NCHW, step = 1 and dx = C in channels_last.
 // Both are compile-time in NCHW so its stride-2 loads vectorise as such.
 template <bool kChannelsLast, typename scalar_t>
-void pool_run(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t count, int64_t dx_in, int64_t dy) {
+FH_CPU_CLONES void pool_run(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t count, int64_t dx_in, int64_t dy) {
   const int64_t step = kChannelsLast ? 1 : 2, dx = kChannelsLast ? dx_in : 1;
   for (int64_t j = 0; j < count; ++j) {
     out[j] = window_max(in + j * step, dx, dy);
@@ -38,20 +38,21 @@ void pool_run(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64
 }
 
 template <bool kChannelsLast, typename scalar_t>
-void unpool_run(const scalar_t* __restrict__ in, const scalar_t* __restrict__ grad, scalar_t* __restrict__ dx_out,
-                int64_t count, int64_t dx_in, int64_t dy) {
+FH_CPU_CLONES void unpool_run(const scalar_t* __restrict__ in, const scalar_t* __restrict__ grad,
+                scalar_t* __restrict__ dx_out, int64_t count, int64_t dx_in, int64_t dy) {
   const int64_t step = kChannelsLast ? 1 : 2, dx = kChannelsLast ? dx_in : 1;
   const scalar_t zero(0);
-  // Windows tile the input exactly (even H and W), so every element of dx is written: zero at all four taps,
-  // then the window's gradient at its argmax (an indexed store rather than four selects, so no branches).
+  // Windows tile the input exactly (even H and W), so every element of dx is written once: the window's
+  // gradient at its argmax, zero at the other three taps. Four selects (not an indexed store after four zero
+  // stores) keep the loop free of data-dependent addresses, so it vectorises across windows.
   for (int64_t j = 0; j < count; ++j) {
     const int64_t o = j * step;
     const int best = window_argmax(in + o, dx, dy);
-    dx_out[o] = zero;
-    dx_out[o + dx] = zero;
-    dx_out[o + dy] = zero;
-    dx_out[o + dy + dx] = zero;
-    dx_out[o + tap_offset(best, dx, dy)] = grad[j];
+    const scalar_t g = grad[j];
+    dx_out[o] = best == 0 ? g : zero;
+    dx_out[o + dx] = best == 1 ? g : zero;
+    dx_out[o + dy] = best == 2 ? g : zero;
+    dx_out[o + dy + dx] = best == 3 ? g : zero;
   }
 }
 

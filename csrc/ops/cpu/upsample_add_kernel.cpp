@@ -12,14 +12,6 @@
 namespace fused_hourglass {
 namespace {
 
-// Hot loops are plain restrict-qualified loops: GCC vectorises them at -O3 for the baseline ISA, and
-// target_clones adds an AVX2 copy picked at load time, so the build stays portable.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FH_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FH_CPU_CLONES
-#endif
-
 // One NCHW plane (n, c): out[oh][2j + k] = skip[oh][2j + k] + low[oh / 2][j], k ∈ {0, 1}.
 template <typename scalar_t>
 FH_CPU_CLONES void up2x_add_plane(const scalar_t* __restrict__ low, const scalar_t* __restrict__ skip,
