@@ -46,17 +46,23 @@ FH_HOST_DEVICE inline int window_argmax(const scalar_t* p, int64_t dx, int64_t d
                         static_cast<acc_t>(p[dy + dx]));
 }
 
-// The value F.max_pool2d outputs for the window: the element at window_argmax. Without NaN that is the left
-// fold of max2 in window order, which keeps the first of equal maxima bit for bit (−0 before +0 stays −0); a
-// window holding a NaN (rare, so the branch predicts well) takes the argmax's element, its last NaN.
+// The k-th of four values, by selects (no data-dependent address, so CPU loops over windows vectorise).
+template <typename T>
+FH_HOST_DEVICE inline T select4(int k, T v0, T v1, T v2, T v3) {
+  const T lo = k == 0 ? v0 : v1;
+  const T hi = k == 2 ? v2 : v3;
+  return k < 2 ? lo : hi;
+}
+
+// The value F.max_pool2d outputs for the window: the element at window_argmax, returned as stored (so −0
+// versus +0 among equal maxima, and a NaN's payload, come out bit for bit as F's).
 template <typename scalar_t>
 FH_HOST_DEVICE inline scalar_t window_max(const scalar_t* p, int64_t dx, int64_t dy) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t v0 = static_cast<acc_t>(p[0]), v1 = static_cast<acc_t>(p[dx]);
-  const acc_t v2 = static_cast<acc_t>(p[dy]), v3 = static_cast<acc_t>(p[dy + dx]);
-  const bool any_nan = (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3);
-  if (any_nan) return p[tap_offset(argmax4(v0, v1, v2, v3), dx, dy)];
-  return static_cast<scalar_t>(max2(max2(max2(v0, v1), v2), v3));
+  const scalar_t v0 = p[0], v1 = p[dx], v2 = p[dy], v3 = p[dy + dx];
+  const int k = argmax4<acc_t>(static_cast<acc_t>(v0), static_cast<acc_t>(v1), static_cast<acc_t>(v2),
+                               static_cast<acc_t>(v3));
+  return select4(k, v0, v1, v2, v3);
 }
 
 inline void check_max_pool2x2(const at::Tensor& x, const char* op) {
