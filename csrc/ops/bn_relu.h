@@ -57,6 +57,18 @@ FH_HOST_DEVICE inline acc_t welford_nonfinite(acc_t x) {
   return x - x == acc_t(0) ? acc_t(0) : x;
 }
 
+// The Welford state of `count` values (already taken relative to the pivot) from their plain sum s1 and sum of
+// squares s2. The CPU kernels accumulate these in independent lanes over short runs (no division, so the
+// loops vectorise) and merge the runs with welford_merge. s2 − s1·mean cancels only when the run's mean is far
+// from the pivot in units of its spread, which the pivot (a value of the same channel) keeps small.
+template <typename acc_t>
+FH_HOST_DEVICE inline WelfordState<acc_t> welford_from_sums(acc_t s1, acc_t s2, acc_t nonfinite, int64_t count) {
+  if (count == 0) return {acc_t(0), acc_t(0), acc_t(0), 0};
+  const acc_t mean = s1 / static_cast<acc_t>(count);
+  const acc_t m2 = s2 - s1 * mean;
+  return {mean, m2 < acc_t(0) ? acc_t(0) : m2, nonfinite, count};  // rounding can dip below 0; NaN stays NaN
+}
+
 // Chan et al.'s pairwise merge of two Welford states. The mean is moved by the weighted difference of the
 // two means rather than recomputed from sums, so large means do not cancel.
 template <typename acc_t>

@@ -22,9 +22,10 @@
 namespace fused_hourglass {
 namespace {
 
-// Independent accumulation lanes over a contiguous NCHW plane: wide enough for 4 SSE or 2 AVX-512 registers of
-// float, so the lane loop vectorises and the loop-carried dependency chain is split 16 ways.
-constexpr int64_t kLanes = 16;
+// Independent accumulation lanes over a contiguous NCHW plane. 64 keeps the lane loop an ordinary inner loop
+// that GCC vectorises (with 16 it unrolls it and vectorises the outer loop instead, which runs at scalar speed),
+// and splits the loop-carried dependency chains 64 ways.
+constexpr int64_t kLanes = 64;
 
 // Rows (pixels) per channels_last partial: about 32 K values, whose per-channel state stays in L1.
 inline int64_t rows_per_block(int64_t c) { return grain_for(c); }
@@ -43,54 +44,77 @@ Geometry geometry_of(const at::Tensor& u, at::MemoryFormat fmt) {
 // ---------------------------------------------------------------------------------------------------------
 // bn_stats
 
+// Steps per run of plain sums before a run is folded into the Welford state: short enough that the fp32 sums
+// of squares stay accurate (each lane sums 64 values), long enough that the merge (a division and a few
+// branches) is amortised.
+constexpr int64_t kRun = 64;
+
+// Welford state of one contiguous NCHW plane: kLanes independent lanes of (Σx, Σx², Σnon-finite) over runs of
+// kRun·kLanes values; the lanes of a run are summed and the run folded in with one Chan merge.
 template <typename scalar_t, typename acc_t>
-WelfordState<acc_t> welford_plane(const scalar_t* __restrict__ p, int64_t len, acc_t pivot) {
-  acc_t mean[kLanes] = {}, m2[kLanes] = {}, nonfinite[kLanes] = {};
-  const int64_t steps = len / kLanes;
-  for (int64_t k = 0; k < steps; ++k) {
-    const acc_t inv_k = acc_t(1) / static_cast<acc_t>(k + 1);
-    const scalar_t* q = p + k * kLanes;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const acc_t x = static_cast<acc_t>(q[l]) - pivot;
-      welford_step(mean[l], m2[l], x, inv_k);
-      nonfinite[l] += welford_nonfinite(x);
-    }
-  }
+FH_CPU_CLONES WelfordState<acc_t> welford_plane(const scalar_t* __restrict__ p, int64_t len, acc_t pivot) {
   WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
-  if (steps > 0) {
+  constexpr int64_t kSpan = kRun * kLanes;
+  int64_t i0 = 0;
+  for (; i0 + kLanes <= len; i0 += kSpan) {
+    const int64_t steps = std::min<int64_t>(kRun, (len - i0) / kLanes);
+    acc_t s1[kLanes] = {}, s2[kLanes] = {}, nonfinite[kLanes] = {};
+    for (int64_t k = 0; k < steps; ++k) {
+      const scalar_t* q = p + i0 + k * kLanes;
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const acc_t x = static_cast<acc_t>(q[l]) - pivot;
+        s1[l] += x;
+        s2[l] += x * x;
+        nonfinite[l] += welford_nonfinite(x);
+      }
+    }
+    acc_t t1 = 0, t2 = 0, tn = 0;
     for (int64_t l = 0; l < kLanes; ++l) {
-      s = welford_merge(s, WelfordState<acc_t>{mean[l], m2[l], nonfinite[l], steps});
+      t1 += s1[l];
+      t2 += s2[l];
+      tn += nonfinite[l];
+    }
+    s = welford_merge(s, welford_from_sums(t1, t2, tn, steps * kLanes));
+    if (steps < kRun) {
+      i0 += steps * kLanes;
+      break;
     }
   }
-  WelfordState<acc_t> tail{acc_t(0), acc_t(0), acc_t(0), 0};
-  for (int64_t i = steps * kLanes; i < len; ++i) {
+  acc_t s1 = 0, s2 = 0, nonfinite = 0;
+  for (int64_t i = std::min(i0, len); i < len; ++i) {
     const acc_t x = static_cast<acc_t>(p[i]) - pivot;
-    tail.count += 1;
-    welford_step(tail.mean, tail.m2, x, acc_t(1) / static_cast<acc_t>(tail.count));
-    tail.nonfinite += welford_nonfinite(x);
+    s1 += x;
+    s2 += x * x;
+    nonfinite += welford_nonfinite(x);
   }
-  return welford_merge(s, tail);
+  return welford_merge(s, welford_from_sums(s1, s2, nonfinite, len - std::min(i0, len)));
 }
 
-// One channels_last partial: rows [r0, r1) of the [M, C] matrix, a Welford lane per channel. Every lane has
-// seen the same number of rows, so they share inv_k.
+// One channels_last partial: rows [r0, r1) of the [M, C] matrix, a lane per channel, in runs of kRun rows.
 template <typename scalar_t, typename acc_t>
-void welford_rows(const scalar_t* __restrict__ u, int64_t c, int64_t r0, int64_t r1, const acc_t* __restrict__ pivot,
-                  WelfordState<acc_t>* out) {
-  std::vector<acc_t> buf(3 * c, acc_t(0));
-  acc_t* __restrict__ mean = buf.data();
-  acc_t* __restrict__ m2 = mean + c;
-  acc_t* __restrict__ nonfinite = m2 + c;
-  for (int64_t r = r0; r < r1; ++r) {
-    const acc_t inv_k = acc_t(1) / static_cast<acc_t>(r - r0 + 1);
-    const scalar_t* __restrict__ row = u + r * c;
+FH_CPU_CLONES void welford_rows(const scalar_t* __restrict__ u, int64_t c, int64_t r0, int64_t r1,
+                                const acc_t* __restrict__ pivot, WelfordState<acc_t>* out) {
+  std::vector<acc_t> buf(3 * c);
+  acc_t* __restrict__ s1 = buf.data();
+  acc_t* __restrict__ s2 = s1 + c;
+  acc_t* __restrict__ nonfinite = s2 + c;
+  for (int64_t ch = 0; ch < c; ++ch) out[ch] = {acc_t(0), acc_t(0), acc_t(0), 0};
+  for (int64_t q0 = r0; q0 < r1; q0 += kRun) {
+    const int64_t q1 = std::min(r1, q0 + kRun);
+    std::fill(buf.begin(), buf.end(), acc_t(0));
+    for (int64_t r = q0; r < q1; ++r) {
+      const scalar_t* __restrict__ row = u + r * c;
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const acc_t x = static_cast<acc_t>(row[ch]) - pivot[ch];
+        s1[ch] += x;
+        s2[ch] += x * x;
+        nonfinite[ch] += welford_nonfinite(x);
+      }
+    }
     for (int64_t ch = 0; ch < c; ++ch) {
-      const acc_t x = static_cast<acc_t>(row[ch]) - pivot[ch];
-      welford_step(mean[ch], m2[ch], x, inv_k);
-      nonfinite[ch] += welford_nonfinite(x);
+      out[ch] = welford_merge(out[ch], welford_from_sums(s1[ch], s2[ch], nonfinite[ch], q1 - q0));
     }
   }
-  for (int64_t ch = 0; ch < c; ++ch) out[ch] = {mean[ch], m2[ch], nonfinite[ch], r1 - r0};
 }
 
 template <typename scalar_t>
@@ -210,7 +234,7 @@ struct GradSums {
 };
 
 template <typename scalar_t, typename acc_t>
-GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t len,
+FH_CPU_CLONES GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t len,
                                 acc_t scale, acc_t shift, acc_t mean) {
   acc_t s_dz[kLanes] = {}, s_dzx[kLanes] = {};
   const int64_t steps = len / kLanes;
@@ -238,7 +262,7 @@ GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ dr, const scalar_t*
 }
 
 template <typename scalar_t, typename acc_t>
-void grad_sums_rows(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t c, int64_t r0,
+FH_CPU_CLONES void grad_sums_rows(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t c, int64_t r0,
                     int64_t r1, const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
                     const acc_t* __restrict__ mean, GradSums<acc_t>* out) {
   std::vector<acc_t> dz_buf(c, acc_t(0)), dzx_buf(c, acc_t(0));
