@@ -93,6 +93,8 @@ def test_max_pool_forward_backward(benchmark, impl, c, side, layout):
     x = make_u(c, side, layout, requires_grad=impl != "clone")
     pool = max_pool2x2 if impl == "fused" else (lambda t: F.max_pool2d(t, 2, 2))
     grad = torch.randn(N, c, side // 2, side // 2)
+    if layout == "channels_last":  # the gradient arrives in the layout of the pool's output
+        grad = grad.contiguous(memory_format=torch.channels_last)
 
     def step():
         if impl == "clone":

@@ -178,6 +178,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& u_
 // ---------------------------------------------------------------------------------------------------------
 // bn_relu_apply
 
+// Element-wise loops of apply and backward apply, one channels_last row (per-channel vectors) or one NCHW
+// plane (per-plane scalars) per call, compiled for the baseline ISA and AVX2 (FH_CPU_CLONES).
+template <typename scalar_t, typename acc_t>
+FH_CPU_CLONES void apply_row(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst,
+                             const acc_t* __restrict__ sc, const acc_t* __restrict__ sh, int64_t c) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    dst[ch] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[ch]), sc[ch], sh[ch])));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+FH_CPU_CLONES void apply_plane(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, acc_t s, acc_t b,
+                               int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    dst[i] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[i]), s, b)));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+FH_CPU_CLONES void grad_row(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
+                            scalar_t* __restrict__ dst, const acc_t* __restrict__ sc, const acc_t* __restrict__ sh,
+                            const acc_t* __restrict__ mu, const acc_t* __restrict__ ca, const acc_t* __restrict__ cb,
+                            bool training, int64_t c) {
+  if (training) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      dst[ch] = static_cast<scalar_t>(bn_relu_grad_train(static_cast<acc_t>(gr[ch]), static_cast<acc_t>(src[ch]),
+                                                         sc[ch], sh[ch], mu[ch], ca[ch], cb[ch]));
+    }
+  } else {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      dst[ch] = static_cast<scalar_t>(
+          bn_relu_grad_eval(static_cast<acc_t>(gr[ch]), static_cast<acc_t>(src[ch]), sc[ch], sh[ch]));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+FH_CPU_CLONES void grad_plane(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
+                              scalar_t* __restrict__ dst, acc_t s, acc_t b, acc_t m, acc_t ka, acc_t kb, bool training,
+                              int64_t len) {
+  if (training) {
+    for (int64_t i = 0; i < len; ++i) {
+      dst[i] = static_cast<scalar_t>(
+          bn_relu_grad_train(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]), s, b, m, ka, kb));
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) {
+      dst[i] = static_cast<scalar_t>(bn_relu_grad_eval(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]), s, b));
+    }
+  }
+}
+
 template <typename scalar_t>
 void bn_relu_apply_impl(const at::Tensor& u, const Geometry& g, const at::Tensor& scale, const at::Tensor& shift,
                         at::Tensor& out) {
@@ -188,23 +240,12 @@ void bn_relu_apply_impl(const at::Tensor& u, const Geometry& g, const at::Tensor
   const acc_t* sh = shift.const_data_ptr<acc_t>();
   if (g.channels_last) {
     at::parallel_for(0, g.m, grain_for(g.c), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* __restrict__ row = in + r * g.c;
-        scalar_t* __restrict__ dst = o + r * g.c;
-        for (int64_t ch = 0; ch < g.c; ++ch) {
-          dst[ch] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(row[ch]), sc[ch], sh[ch])));
-        }
-      }
+      for (int64_t r = begin; r < end; ++r) apply_row(in + r * g.c, o + r * g.c, sc, sh, g.c);
     });
   } else {
     at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
-        const acc_t s = sc[plane % g.c], b = sh[plane % g.c];
-        const scalar_t* __restrict__ src = in + plane * g.hw;
-        scalar_t* __restrict__ dst = o + plane * g.hw;
-        for (int64_t i = 0; i < g.hw; ++i) {
-          dst[i] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[i]), s, b)));
-        }
+        apply_plane(in + plane * g.hw, o + plane * g.hw, sc[plane % g.c], sh[plane % g.c], g.hw);
       }
     });
   }
@@ -378,40 +419,15 @@ void bn_relu_backward_apply_impl(const at::Tensor& dr, const at::Tensor& u, cons
   if (g.channels_last) {
     at::parallel_for(0, g.m, grain_for(2 * g.c), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* __restrict__ gr = dr_p + r * g.c;
-        const scalar_t* __restrict__ row = u_p + r * g.c;
-        scalar_t* __restrict__ dst = du_p + r * g.c;
-        if (training) {
-          for (int64_t ch = 0; ch < g.c; ++ch) {
-            dst[ch] = static_cast<scalar_t>(bn_relu_grad_train(static_cast<acc_t>(gr[ch]), static_cast<acc_t>(row[ch]),
-                                                               sc[ch], sh[ch], mu[ch], ca[ch], cb[ch]));
-          }
-        } else {
-          for (int64_t ch = 0; ch < g.c; ++ch) {
-            dst[ch] = static_cast<scalar_t>(
-                bn_relu_grad_eval(static_cast<acc_t>(gr[ch]), static_cast<acc_t>(row[ch]), sc[ch], sh[ch]));
-          }
-        }
+        grad_row(dr_p + r * g.c, u_p + r * g.c, du_p + r * g.c, sc, sh, mu, ca, cb, training, g.c);
       }
     });
   } else {
     at::parallel_for(0, g.n * g.c, grain_for(2 * g.hw), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t ch = plane % g.c;
-        const acc_t s = sc[ch], b = sh[ch], m = mu[ch], ka = ca[ch], kb = cb[ch];
-        const scalar_t* __restrict__ gr = dr_p + plane * g.hw;
-        const scalar_t* __restrict__ src = u_p + plane * g.hw;
-        scalar_t* __restrict__ dst = du_p + plane * g.hw;
-        if (training) {
-          for (int64_t i = 0; i < g.hw; ++i) {
-            dst[i] = static_cast<scalar_t>(
-                bn_relu_grad_train(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]), s, b, m, ka, kb));
-          }
-        } else {
-          for (int64_t i = 0; i < g.hw; ++i) {
-            dst[i] = static_cast<scalar_t>(bn_relu_grad_eval(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]), s, b));
-          }
-        }
+        grad_plane(dr_p + plane * g.hw, u_p + plane * g.hw, du_p + plane * g.hw, sc[ch], sh[ch], mu[ch], ca[ch], cb[ch],
+                   training, g.hw);
       }
     });
   }
