@@ -29,19 +29,16 @@ FH_CPU_CLONES void up2x_add_plane(const scalar_t* __restrict__ low, const scalar
   }
 }
 
-// One NHWC output row (n, oh): pixels 2x and 2x + 1 both add low pixel x, over all C channels.
+// One NHWC output row (n, oh): pixel ow adds low pixel ow / 2, over all C channels.
 template <typename scalar_t>
 FH_CPU_CLONES void up2x_add_row_nhwc(const scalar_t* __restrict__ low, const scalar_t* __restrict__ skip,
                                      scalar_t* __restrict__ out, int64_t out_w, int64_t c) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t x = 0; x < out_w / 2; ++x) {
-    const scalar_t* l = low + x * c;
-    const scalar_t* s = skip + 2 * x * c;
-    scalar_t* o = out + 2 * x * c;
-    for (int64_t ch = 0; ch < c; ++ch) {
-      o[ch] = add_in<scalar_t, acc_t>(s[ch], l[ch]);
-      o[c + ch] = add_in<scalar_t, acc_t>(s[c + ch], l[ch]);
-    }
+  for (int64_t ow = 0; ow < out_w; ++ow) {
+    const scalar_t* __restrict__ l = low + (ow / 2) * c;
+    const scalar_t* __restrict__ s = skip + ow * c;
+    scalar_t* __restrict__ o = out + ow * c;
+    for (int64_t ch = 0; ch < c; ++ch) o[ch] = add_in<scalar_t, acc_t>(s[ch], l[ch]);
   }
 }
 
