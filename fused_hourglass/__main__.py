@@ -28,23 +28,23 @@ def _triton_status() -> str:
     return f"{triton.__version__} (kernels need a CUDA device; TRITON_INTERPRET=1 runs them on the CPU)"
 
 
-def _time_forward(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median wall time of one forward pass, in milliseconds."""
+def _time(fn, x: torch.Tensor, repeats: int) -> float:
+    """Median wall time of fn(), in milliseconds, after one untimed call that pays one-time costs (allocator,
+    oneDNN primitive creation)."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times = []
-    with torch.inference_mode():
-        for i in range(repeats + 1):
-            sync()
-            start = time.perf_counter()
-            model(x)
-            sync()
-            if i:  # the first call pays one-time costs (allocator, oneDNN primitive creation)
-                times.append((time.perf_counter() - start) * 1e3)
+    for i in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if i:
+            times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
 def info(args: argparse.Namespace) -> int:
-    from . import StackedHourglass, __version__
+    from . import HeatmapLoss, StackedHourglass, __version__
 
     build = _build_info()
     print(f"fused_hourglass {__version__}")
@@ -65,16 +65,31 @@ def info(args: argparse.Namespace) -> int:
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}")
 
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    print(f"forward, eval mode, StackedHourglass(nstack={args.nstack}, inp_dim={args.inp_dim}, oup_dim=16), "
-          f"input {list(x.shape)}, median of {args.repeats}:")
-    model = StackedHourglass(args.nstack, args.inp_dim, 16).to(device).eval()
+    target = torch.rand(args.batch, 16, args.size // 4, args.size // 4, device=device)
+    print(f"StackedHourglass(nstack={args.nstack}, inp_dim={args.inp_dim}, oup_dim=16), input {list(x.shape)}, "
+          f"median of {args.repeats}:")
+    model = StackedHourglass(args.nstack, args.inp_dim, 16).to(device)
+    loss_fn = HeatmapLoss()
+
+    def forward_eval():
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    def train_step():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), target).backward()
+
     results = {}
     for backend in ("reference", "auto"):
         model.backend = backend
-        results[backend] = _time_forward(model, x, args.repeats)
+        results[backend] = (_time(forward_eval, x, args.repeats), _time(train_step, x, args.repeats))
         label = f"auto → {model.resolve_backend(device)}" if backend == "auto" else backend
-        print(f"  {label:<18} {results[backend]:9.2f} ms")
-    print(f"  speed-up of auto over reference: {results['reference'] / results['auto']:.2f}×")
+        print(f"  {label:<18} eval forward {results[backend][0]:9.1f} ms   training forward+backward "
+              f"{results[backend][1]:9.1f} ms")
+    ref, auto = results["reference"], results["auto"]
+    print(f"  speed-up of auto over reference: eval {ref[0] / auto[0]:.2f}×, training {ref[1] / auto[1]:.2f}×")
     return 0
 
 
@@ -92,12 +107,12 @@ def bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_hourglass", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="what was built, and a timed forward of a small model")
-    p_info.add_argument("--nstack", type=int, default=2)
-    p_info.add_argument("--inp-dim", type=int, default=128)
-    p_info.add_argument("--size", type=int, default=128, help="input side in pixels, a multiple of 64")
-    p_info.add_argument("--batch", type=int, default=2)
-    p_info.add_argument("--repeats", type=int, default=5)
+    p_info = sub.add_parser("info", help="what was built, and a timed forward and training step of one model")
+    p_info.add_argument("--nstack", type=int, default=1)
+    p_info.add_argument("--inp-dim", type=int, default=256)
+    p_info.add_argument("--size", type=int, default=256, help="input side in pixels, a multiple of 64")
+    p_info.add_argument("--batch", type=int, default=4)
+    p_info.add_argument("--repeats", type=int, default=3)
     p_info.set_defaults(func=info)
     p_bench = sub.add_parser("bench", help="fused ops vs eager vs torch.compile vs a plain copy, side by side")
     p_bench.add_argument("--batch", type=int, default=4)
