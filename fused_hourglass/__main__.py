@@ -65,9 +65,11 @@ def info(args: argparse.Namespace) -> int:
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}")
 
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     target = torch.rand(args.batch, 16, args.size // 4, args.size // 4, device=device)
     print(f"StackedHourglass(nstack={args.nstack}, inp_dim={args.inp_dim}, oup_dim=16), input {list(x.shape)}, "
-          f"median of {args.repeats}:")
+          f"{'channels_last' if args.channels_last else 'NCHW'}, median of {args.repeats}:")
     model = StackedHourglass(args.nstack, args.inp_dim, 16).to(device)
     loss_fn = HeatmapLoss()
 
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--size", type=int, default=256, help="input side in pixels, a multiple of 64")
     p_info.add_argument("--batch", type=int, default=4)
     p_info.add_argument("--repeats", type=int, default=3)
+    p_info.add_argument("--channels-last", action="store_true", help="feed the input in channels_last layout")
     p_info.set_defaults(func=info)
     p_bench = sub.add_parser("bench", help="fused ops vs eager vs torch.compile vs a plain copy, side by side")
     p_bench.add_argument("--batch", type=int, default=4)
