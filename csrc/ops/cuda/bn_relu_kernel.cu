@@ -23,19 +23,15 @@
 #include <tuple>
 
 #include "ops/bn_relu.h"
+#include "ops/cuda/launch.h"
 
 namespace fused_hourglass {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr int kTileRows = kThreads / kWarp;  // channels_last partials: 32 channels × 8 row lanes per block
 constexpr int64_t kValuesPerSlice = 16384;   // about 64 values per thread per partial
 constexpr int64_t kMaxSlices = 256;
-
-inline int blocks_for(int64_t n) {
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{65535} * 8));
-}
 
 inline int slices_for(int64_t m) {
   return static_cast<int>(std::clamp<int64_t>((m + kValuesPerSlice - 1) / kValuesPerSlice, 1, kMaxSlices));

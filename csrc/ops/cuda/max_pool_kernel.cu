@@ -10,15 +10,10 @@
 #include <algorithm>
 
 #include "ops/max_pool.h"
+#include "ops/cuda/launch.h"
 
 namespace fused_hourglass {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int blocks_for(int64_t n) {
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{65535} * 8));
-}
 
 // Offset of output element q's window and the tap steps, in the dense input.
 template <bool kChannelsLast>

@@ -11,16 +11,10 @@
 #include <algorithm>
 
 #include "ops/upsample_add.h"
+#include "ops/cuda/launch.h"
 
 namespace fused_hourglass {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int blocks_for(int64_t n) {
-  // Enough blocks to fill any current GPU several times over; the grid-stride loop covers the rest.
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{65535} * 8));
-}
 
 template <typename scalar_t, bool kChannelsLast>
 __global__ void upsample_add_kernel(const scalar_t* __restrict__ low, const scalar_t* __restrict__ skip,
