@@ -69,6 +69,19 @@ def run(module: nn.Module, u: torch.Tensor, grad: torch.Tensor):
     return y.detach(), x.grad, grads
 
 
+def assert_modules_match(ref: nn.Module, fused: nn.Module, u: torch.Tensor, g: torch.Tensor, dtype, prefix=""):
+    """One forward/backward of each: output, grad u, every parameter gradient and the running buffers agree.
+    Returns the fused output and input gradient."""
+    y_r, du_r, gp_r = run(ref, u, g)
+    y_f, du_f, gp_f = run(fused, u, g)
+    assert_close(y_f, y_r, dtype, f"{prefix}output")
+    assert_close(du_f, du_r, dtype, f"{prefix}grad u")
+    for name, a, b in zip(("weight", "bias"), gp_f, gp_r, strict=True):
+        assert_close(a, b, dtype, f"{prefix}grad {name}")
+    assert_buffers_equal_tracking(ref, fused, dtype)
+    return y_f, du_f
+
+
 def bn_of(module: nn.Module) -> nn.BatchNorm2d:
     return module[0] if isinstance(module, nn.Sequential) else module
 
@@ -99,26 +112,14 @@ def test_train_then_eval_matches_batchnorm_relu(dtype, channels_last, shape):
     for step in range(2):  # two training steps: the running statistics are updated twice
         u = make_input(shape, dtype, channels_last, seed=step)
         g = make_input(shape, dtype, channels_last, seed=10 + step, offset=0.0, scale=1.0)
-        y_r, du_r, gp_r = run(ref, u, g)
-        y_f, du_f, gp_f = run(fused, u, g)
-        assert_close(y_f, y_r, dtype, "output")
-        assert_close(du_f, du_r, dtype, "grad u")
-        assert_close(gp_f[0], gp_r[0], dtype, "grad weight")
-        assert_close(gp_f[1], gp_r[1], dtype, "grad bias")
-        assert_buffers_equal_tracking(ref, fused, dtype)
+        y_f, du_f = assert_modules_match(ref, fused, u, g, dtype)
         assert y_f.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert du_f.stride() == u.stride()
     ref.eval()
     fused.eval()
     u = make_input(shape, dtype, channels_last, seed=5)
     g = make_input(shape, dtype, channels_last, seed=6, offset=0.0, scale=1.0)
-    y_r, du_r, gp_r = run(ref, u, g)
-    y_f, du_f, gp_f = run(fused, u, g)
-    assert_close(y_f, y_r, dtype, "eval output")
-    assert_close(du_f, du_r, dtype, "eval grad u")
-    assert_close(gp_f[0], gp_r[0], dtype, "eval grad weight")
-    assert_close(gp_f[1], gp_r[1], dtype, "eval grad bias")
-    assert_buffers_equal_tracking(ref, fused, dtype)  # eval leaves them alone in both
+    assert_modules_match(ref, fused, u, g, dtype, "eval ")  # eval leaves the running buffers alone in both
 
 
 def test_momentum_none_is_a_cumulative_average():
@@ -238,13 +239,7 @@ def test_nonfinite_inputs_propagate_like_reference(bad, training, channels_last)
     u[0, 2, 0, 0] = bad  # the first value of channel 2
     u = u.contiguous(memory_format=torch.channels_last) if channels_last else u
     g = torch.ones_like(u)
-    y_r, du_r, gp_r = run(ref, u, g)
-    y_f, du_f, gp_f = run(fused, u, g)
-    assert_close(y_f, y_r, torch.float32, "output")
-    assert_close(du_f, du_r, torch.float32, "grad u")
-    assert_close(gp_f[0], gp_r[0], torch.float32, "grad weight")
-    assert_close(gp_f[1], gp_r[1], torch.float32, "grad bias")
-    assert_buffers_equal_tracking(ref, fused, torch.float32)
+    y_f, _ = assert_modules_match(ref, fused, u, g, torch.float32)
     assert torch.isfinite(y_f[:, 0]).all()  # the clean channel stays clean
 
 
@@ -317,13 +312,7 @@ def test_property_matches_batchnorm_relu(n, c, h, w, dtype, channels_last, train
     fused.train(training)
     u = make_input((n, c, h, w), dtype, channels_last, seed=seed)
     g = make_input((n, c, h, w), dtype, channels_last, seed=seed + 1, offset=0.0)
-    y_r, du_r, gp_r = run(ref, u, g)
-    y_f, du_f, gp_f = run(fused, u, g)
-    assert_close(y_f, y_r, dtype, "output")
-    assert_close(du_f, du_r, dtype, "grad u")
-    assert_close(gp_f[0], gp_r[0], dtype, "grad weight")
-    assert_close(gp_f[1], gp_r[1], dtype, "grad bias")
-    assert_buffers_equal_tracking(ref, fused, dtype)
+    assert_modules_match(ref, fused, u, g, dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------
