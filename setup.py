@@ -72,7 +72,8 @@ def _extension():
     cpp_sources = sorted(glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
     cu_sources = sorted(glob.glob(os.path.join(csrc, "**", "cuda", "*.cu"), recursive=True))
     # -fopenmp: at::parallel_for is an inline OpenMP loop in the headers; without it every op runs on one thread.
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    # -ffp-contract=fast: a·b + c becomes one FMA in the x86-64-v3 clones of the hot loops (see cpu_utils.h).
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=fast"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not WITH_CUDA:

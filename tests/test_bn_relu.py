@@ -420,6 +420,13 @@ def test_opcheck_every_bn_op(dtype):
         torch.library.opcheck(OPS.bn_relu_backward_reduce.default, (g, u, scale, shift, mean, invstd))
         torch.library.opcheck(OPS.bn_relu_backward_apply.default, (g, u, scale, shift, mean, invstd, sdz, sdzx))
         torch.library.opcheck(OPS.bn_relu_backward_apply.default, (g, u, scale, shift, None, None, None, None))
+        torch.library.opcheck(OPS.bn_relu_backward.default, (g, u, scale, shift, mean, invstd))
+        c = u.shape[1]
+        for training in (True, False):
+            for affine in (True, False):
+                w, b = (torch.rand(c, dtype=u.dtype) + 0.5, torch.randn(c, dtype=u.dtype)) if affine else (None, None)
+                for running in ((torch.randn(c), torch.rand(c) + 0.5), (None, None)):
+                    torch.library.opcheck(OPS.bn_relu_forward.default, (u, w, b, *running, training, 0.1, 1e-5))
 
 
 @requires_extension
@@ -497,6 +504,59 @@ def test_property_ops_match_formulas(n, c, h, w, dtype, channels_last, seed):
 
 
 @requires_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 6, 8, 8), (3, 5, 7, 9), (0, 3, 4, 4)], ids=["even", "odd", "empty"])
+def test_composite_ops_equal_the_ops_they_compose(dtype, channels_last, shape):
+    """bn_relu_forward is bn_stats → scale/shift and running update → bn_relu_apply, and bn_relu_backward is
+    reduce → apply, bit for bit; the running update is nn.BatchNorm2d's, in the statistics dtype."""
+    u = make_input(shape, dtype, channels_last, offset=2.0)
+    g = make_input(shape, dtype, channels_last, seed=4, offset=0.0)
+    c, m = shape[1], shape[0] * shape[2] * shape[3]
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    rm0, rv0 = torch.randn(c), torch.rand(c) + 0.5
+    rm, rv = rm0.clone(), rv0.clone()
+    r, scale, shift, mean, invstd = OPS.bn_relu_forward(u, w, b, rm, rv, True, 0.2, 1e-3)
+    mean_s, var_s, invstd_s = OPS.bn_stats(u, 1e-3)
+    assert torch.equal(mean, mean_s) or (m == 0 and mean.isnan().all() and mean_s.isnan().all())
+    assert torch.equal(invstd, invstd_s) or m == 0
+    assert torch.equal(scale, w.to(sd) * invstd) or m == 0
+    r_s = OPS.bn_relu_apply(u, scale, shift)
+    assert torch.equal(r, r_s) and r.stride() == r_s.stride() and r.dtype == u.dtype
+    if m > 0:
+        torch.testing.assert_close(shift, b.to(sd) - mean * scale, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rm, (0.8 * rm0 + 0.2 * mean_s).float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rv, (0.8 * rv0 + 0.2 * var_s * m / (m - 1)).float(), rtol=1e-6, atol=1e-6)
+        du, sdz, sdzx = OPS.bn_relu_backward(g, u, scale, shift, mean, invstd)
+        sdz_s, sdzx_s = OPS.bn_relu_backward_reduce(g, u, scale, shift, mean, invstd)
+        assert torch.equal(sdz, sdz_s) and torch.equal(sdzx, sdzx_s)
+        assert torch.equal(du, OPS.bn_relu_backward_apply(g, u, scale, shift, mean, invstd, sdz_s, sdzx_s))
+        assert du.stride() == u.stride()
+    else:  # an empty batch leaves the running statistics alone, as F.batch_norm
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    # eval: the running statistics normalise and are not touched; no affine: scale = invstd
+    r_e, scale_e, shift_e, mean_e, invstd_e = OPS.bn_relu_forward(u, None, None, rm, rv, False, 0.2, 1e-3)
+    torch.testing.assert_close(invstd_e, torch.rsqrt(rv.to(sd) + 1e-3), rtol=1e-6, atol=0)
+    assert torch.equal(mean_e, rm.to(sd)) and torch.equal(scale_e, invstd_e)
+    assert torch.equal(r_e, OPS.bn_relu_apply(u, scale_e, shift_e))
+
+
+@requires_extension
+def test_bn_relu_forward_updates_low_precision_running_statistics_in_place():
+    """Running statistics of u's dtype (a module converted with .half()) are updated in the statistics dtype
+    and written back into the caller's tensors."""
+    u = make_input((4, 3, 5, 5), torch.float16)
+    rm, rv = torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16)
+    rm_id, rv_id = rm.data_ptr(), rv.data_ptr()
+    _, _, _, mean, _ = OPS.bn_relu_forward(u, None, None, rm, rv, True, 0.5, 1e-5)
+    assert rm.data_ptr() == rm_id and rv.data_ptr() == rv_id and rm.dtype == torch.float16
+    torch.testing.assert_close(rm, (0.5 * mean).half())
+    var = u.float().var(dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(rv, (0.5 + 0.5 * var).half())
+
+
+@requires_extension
 def test_bn_stats_deterministic():
     u = make_input((4, 7, 33, 31), channels_last=True)
     a, b = OPS.bn_stats(u, 1e-5), OPS.bn_stats(u, 1e-5)
@@ -568,6 +628,16 @@ def op_error_cases():
          r"bn_relu_backward_apply: mean, invstd, sum_dz and sum_dz_xhat must be all given \(training\) or all None"),
         ("bn_relu_backward_apply", (u, u, v, v, v, v, v, torch.ones(5)), ValueError,
          r"bn_relu_backward_apply: sum_dz_xhat must be 1-D with 3 elements"),
+        ("bn_relu_backward", (u, u, v, v, v, torch.ones(3, 1)), ValueError,
+         r"bn_relu_backward: invstd must be 1-D with 3 elements"),
+        ("bn_relu_forward", (u, torch.ones(4), None, None, None, True, 0.1, 1e-5), ValueError,
+         r"bn_relu_forward: weight must be 1-D with 3 elements \(the channels of u\), got shape \[4\]"),
+        ("bn_relu_forward", (u, None, v.double(), None, None, True, 0.1, 1e-5), TypeError,
+         r"bn_relu_forward: bias must be float32 or torch.float32 \(u's dtype\), got torch.float64"),
+        ("bn_relu_forward", (u, None, None, v, None, True, 0.1, 1e-5), ValueError,
+         "bn_relu_forward: running_mean and running_var must be both given or both None, got running_mean a tensor"),
+        ("bn_relu_forward", (torch.randn(1, 3, 1, 1), None, None, v, v.clone(), True, 0.1, 1e-5), ValueError,
+         "Expected more than 1 value per channel when training"),
     ]
 
 
@@ -621,6 +691,34 @@ def test_cuda_ops_match_cpu_ops(dtype, channels_last, shape):
     eval_cpu = OPS.bn_relu_backward_apply(g, u, scale, shift, None, None, None, None)
     eval_gpu = OPS.bn_relu_backward_apply(g.to(cuda), u.to(cuda), vec[0], vec[1], None, None, None, None)
     torch.testing.assert_close(eval_gpu.cpu(), eval_cpu, atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_composite_ops_match_cpu(dtype, channels_last, training):
+    shape = (3, 33, 9, 7)
+    u = make_input(shape, dtype, channels_last, offset=3.0)
+    g = make_input(shape, dtype, channels_last, seed=5, offset=0.0)
+    c = shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm_cpu, rv_cpu = torch.randn(c), torch.rand(c) + 0.5
+    rm_gpu, rv_gpu = rm_cpu.cuda(), rv_cpu.cuda()
+    out_cpu = OPS.bn_relu_forward(u, w, b, rm_cpu, rv_cpu, training, 0.1, 1e-5)
+    out_gpu = OPS.bn_relu_forward(u.cuda(), w.cuda(), b.cuda(), rm_gpu, rv_gpu, training, 0.1, 1e-5)
+    atol, rtol = TOL[dtype]
+    for a, e in zip(out_gpu, out_cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), e, atol=atol, rtol=rtol)
+    torch.testing.assert_close(rm_gpu.cpu(), rm_cpu, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rv_gpu.cpu(), rv_cpu, atol=1e-6, rtol=1e-5)
+    _, scale, shift, mean, invstd = out_cpu
+    bwd_cpu = OPS.bn_relu_backward(g, u, scale, shift, mean, invstd)
+    bwd_gpu = OPS.bn_relu_backward(g.cuda(), u.cuda(), *(t.cuda() for t in (scale, shift, mean, invstd)))
+    m = shape[0] * shape[2] * shape[3]
+    for a, e in zip(bwd_gpu, bwd_cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), e, atol=max(atol, 1e-4 * math.sqrt(m)), rtol=max(rtol, 1e-4))
 
 
 @pytest.mark.gpu

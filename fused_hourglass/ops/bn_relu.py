@@ -49,10 +49,9 @@ def _check_backward(op: str, grad: torch.Tensor, u: torch.Tensor, **vectors: tor
         _check_channel_vector(v, u, op, name)
 
 
-def _check_parameter(p: object, u: torch.Tensor, name: str) -> None:
+def _check_parameter(p: object, u: torch.Tensor, name: str, op: str) -> None:
     """weight, bias and the running statistics of `bn_relu`: a C-vector of u's dtype or float32 (the usual
     mixed-precision module), on u's device."""
-    op = "bn_relu"
     check_tensor(p, op, name)
     if p.dim() != 1 or p.shape[0] != u.shape[1]:
         raise ValueError(f"{op}: {name} must be 1-D with {u.shape[1]} elements (the channels of u), "
@@ -64,13 +63,15 @@ def _check_parameter(p: object, u: torch.Tensor, name: str) -> None:
 
 
 def _check_bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, batch_stats: bool) -> None:
-    check_4d_float(u, "bn_relu", "u")
+                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, batch_stats: bool,
+                   op: str = "bn_relu") -> None:
+    """The arguments of `bn_relu` (and, with op="bn_relu_forward", of the compiled op, with its messages)."""
+    check_4d_float(u, op, "u")
     for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if p is not None:
-            _check_parameter(p, u, name)
+            _check_parameter(p, u, name, op)
     if (running_mean is None) != (running_var is None):
-        raise ValueError("bn_relu: running_mean and running_var must be both given or both None, got "
+        raise ValueError(f"{op}: running_mean and running_var must be both given or both None, got "
                          f"running_mean {'None' if running_mean is None else 'a tensor'} and "
                          f"running_var {'None' if running_var is None else 'a tensor'}")
     if batch_stats and u.shape[0] * u.shape[2] * u.shape[3] == 1:
@@ -78,72 +79,53 @@ def _check_bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {u.size()}")
 
 
-def _scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
-                 invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale = γ·invstd, shift = β − mean·scale, in the statistics dtype."""
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
-    return scale, shift
-
-
 class _BnReLUFunction(torch.autograd.Function):
-    """r = relu(u·scale + shift) with scale, shift from (weight, bias, mean, invstd). mean and invstd are
-    constants to autograd: in training their dependence on u is in the closed-form input gradient."""
+    """r = relu(batch_norm(u)) through the `bn_relu_forward` op, which also updates the running statistics in
+    training. mean and invstd are constants to autograd: in training their dependence on u is in the closed-form
+    input gradient."""
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
-                invstd: torch.Tensor, batch_stats: bool) -> torch.Tensor:
-        scale, shift = _scale_shift(weight, bias, mean, invstd)
-        ctx.save_for_backward(u, scale, shift, mean, invstd)
-        ctx.batch_stats = batch_stats
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return torch.ops.fused_hourglass.bn_relu_apply.default(u, scale, shift)
+    def forward(ctx, u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                momentum: float, eps: float) -> torch.Tensor:
+        r, scale, shift, mean, invstd = torch.ops.fused_hourglass.bn_relu_forward.default(
+            u, weight, bias, running_mean, running_var, training, momentum, eps)
+        save_bn_context(ctx, u, weight, bias, scale, shift, mean, invstd, training or running_mean is None)
+        return r
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        u, scale, shift, mean, invstd = ctx.saved_tensors
-        du, grad_w, grad_b = bn_relu_backward(ctx, grad, u, scale, shift, mean, invstd)
-        return du, grad_w, grad_b, None, None, None
+        du, grad_w, grad_b = bn_relu_backward(ctx, grad, *ctx.saved_tensors)
+        return du, grad_w, grad_b, None, None, None, None, None
+
+
+def save_bn_context(ctx, u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                    batch_stats: bool, *extra: torch.Tensor) -> None:
+    """What `bn_relu_backward` needs: u and the per-channel vectors (then `extra` tensors), and the flags."""
+    ctx.save_for_backward(u, scale, shift, mean, invstd, *extra)
+    ctx.batch_stats = batch_stats
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def bn_relu_backward(ctx, grad: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                     mean: torch.Tensor, invstd: torch.Tensor):
+                     mean: torch.Tensor, invstd: torch.Tensor, *_extra: torch.Tensor):
     """(du, dweight, dbias) from the gradient of r = relu(u·scale + shift), recomputing the ReLU mask from u.
-    `ctx` is an autograd context whose inputs 0, 1, 2 are u, weight, bias and that carries batch_stats,
-    weight_dtype and bias_dtype."""
+    `ctx` is an autograd context set up by `save_bn_context` whose inputs 0, 1, 2 are u, weight, bias."""
     need_u, need_w, need_b = ctx.needs_input_grad[:3]
     ops = torch.ops.fused_hourglass
-    sum_dz = sum_dz_xhat = None
-    if need_w or need_b or (need_u and ctx.batch_stats):
-        sum_dz, sum_dz_xhat = ops.bn_relu_backward_reduce.default(grad, u, scale, shift, mean, invstd)
-    du = None
+    du = sum_dz = sum_dz_xhat = None
     if need_u and ctx.batch_stats:
-        du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, mean, invstd, sum_dz, sum_dz_xhat)
-    elif need_u:
-        du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, None, None, None, None)
+        du, sum_dz, sum_dz_xhat = ops.bn_relu_backward.default(grad, u, scale, shift, mean, invstd)
+    else:
+        if need_w or need_b:
+            sum_dz, sum_dz_xhat = ops.bn_relu_backward_reduce.default(grad, u, scale, shift, mean, invstd)
+        if need_u:
+            du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, None, None, None, None)
     grad_w = sum_dz_xhat.to(ctx.weight_dtype) if need_w else None
     grad_b = sum_dz.to(ctx.bias_dtype) if need_b else None
     return du, grad_w, grad_b
-
-
-def normalisation_stats(u: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                        training: bool, momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean and invstd that normalise u, in the statistics dtype: the batch's (updating the running statistics
-    in place when training, as nn.BatchNorm2d does) or the running ones (eval). Arguments already checked."""
-    if training or running_mean is None:
-        m = u.shape[0] * u.shape[2] * u.shape[3]
-        mean, var, invstd = torch.ops.fused_hourglass.bn_stats.default(u.detach(), eps)
-        if training and running_mean is not None and m > 0:
-            with torch.no_grad():
-                # nn.BatchNorm2d's update, in the statistics dtype: momentum·batch + (1 − momentum)·running.
-                sd = mean.dtype
-                unbiased = var * (m / (m - 1))
-                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(sd))
-                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(sd))
-        return mean, invstd
-    sd = _stats_dtype(u)
-    return running_mean.detach().to(sd), torch.rsqrt(running_var.detach().to(sd) + eps)
 
 
 def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -167,8 +149,7 @@ def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     _check_bn_relu(u, weight, bias, running_mean, running_var, batch_stats)
     if not _ext.use_kernel("bn_relu_apply", u.device):
         return reference.bn_relu(u, weight, bias, running_mean, running_var, training, momentum, eps)
-    mean, invstd = normalisation_stats(u, running_mean, running_var, training, momentum, eps)
-    return _BnReLUFunction.apply(u, weight, bias, mean, invstd, batch_stats)
+    return _BnReLUFunction.apply(u, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 class BatchNormReLU2d(nn.BatchNorm2d):
@@ -211,6 +192,22 @@ if _ext.HAS_EXTENSION:
         _check_channel_vector(scale, u, op, "scale")
         _check_channel_vector(shift, u, op, "shift")
         return torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=_ext.memory_format_of(u))
+
+    @torch.library.register_fake("fused_hourglass::bn_relu_forward")
+    def _bn_relu_forward_fake(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                              running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                              momentum: float, eps: float):
+        _check_bn_relu(u, weight, bias, running_mean, running_var, training or running_mean is None,
+                       "bn_relu_forward")
+        r = torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=_ext.memory_format_of(u))
+        return r, _vector(u), _vector(u), _vector(u), _vector(u)
+
+    @torch.library.register_fake("fused_hourglass::bn_relu_backward")
+    def _bn_relu_backward_fake(grad: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                               mean: torch.Tensor, invstd: torch.Tensor):
+        _check_backward("bn_relu_backward", grad, u, scale=scale, shift=shift, mean=mean, invstd=invstd)
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=_ext.memory_format_of(u))
+        return du, _vector(u), _vector(u)
 
     @torch.library.register_fake("fused_hourglass::bn_relu_backward_reduce")
     def _bn_relu_backward_reduce_fake(grad: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,

@@ -14,22 +14,21 @@ import torch.nn.functional as F
 from .. import _ext
 from ..reference import ops as reference
 from ._checks import check_4d_float, check_same_dtype_device
-from .bn_relu import _check_bn_relu, _scale_shift, bn_relu_backward, normalisation_stats
+from .bn_relu import _check_bn_relu, bn_relu_backward, save_bn_context
 
 __all__ = ["bn_relu_conv2d"]
 
 
 class _BnReLUConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
-                invstd: torch.Tensor, batch_stats: bool, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+    def forward(ctx, u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                momentum: float, eps: float, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
                 padding: int) -> torch.Tensor:
-        scale, shift = _scale_shift(weight, bias, mean, invstd)
-        r = torch.ops.fused_hourglass.bn_relu_apply.default(u, scale, shift)
-        ctx.save_for_backward(u, scale, shift, mean, invstd, conv_weight)
-        ctx.batch_stats = batch_stats
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        r, scale, shift, mean, invstd = torch.ops.fused_hourglass.bn_relu_forward.default(
+            u, weight, bias, running_mean, running_var, training, momentum, eps)
+        save_bn_context(ctx, u, weight, bias, scale, shift, mean, invstd, training or running_mean is None,
+                        conv_weight)
         ctx.padding = padding
         ctx.has_conv_bias = conv_bias is not None
         return F.conv2d(r, conv_weight, conv_bias, padding=padding)
@@ -38,7 +37,7 @@ class _BnReLUConvFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         u, scale, shift, mean, invstd, conv_weight = ctx.saved_tensors
         need_bn = any(ctx.needs_input_grad[:3])
-        need_cw, need_cb = ctx.needs_input_grad[6], ctx.needs_input_grad[7] and ctx.has_conv_bias
+        need_cw, need_cb = ctx.needs_input_grad[8], ctx.needs_input_grad[9] and ctx.has_conv_bias
         r = torch.ops.fused_hourglass.bn_relu_apply.default(u, scale, shift)  # recomputed, never saved
         p = ctx.padding
         # The convolution's gradients need the output gradient in the layout the forward produced.
@@ -50,7 +49,7 @@ class _BnReLUConvFunction(torch.autograd.Function):
         du = grad_w = grad_b = None
         if need_bn:
             du, grad_w, grad_b = bn_relu_backward(ctx, dr, u, scale, shift, mean, invstd)
-        return du, grad_w, grad_b, None, None, None, dw, db, None
+        return du, grad_w, grad_b, None, None, None, None, None, dw, db, None
 
 
 def bn_relu_conv2d(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -75,5 +74,5 @@ def bn_relu_conv2d(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     if not _ext.use_kernel("bn_relu_apply", u.device):
         r = reference.bn_relu(u, weight, bias, running_mean, running_var, training, momentum, eps)
         return F.conv2d(r, conv_weight, conv_bias, padding=padding)
-    mean, invstd = normalisation_stats(u, running_mean, running_var, training, momentum, eps)
-    return _BnReLUConvFunction.apply(u, weight, bias, mean, invstd, batch_stats, conv_weight, conv_bias, padding)
+    return _BnReLUConvFunction.apply(u, weight, bias, running_mean, running_var, training, momentum, eps, conv_weight,
+                                     conv_bias, padding)

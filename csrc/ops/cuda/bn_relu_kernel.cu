@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kThreads) bn_relu_backward_apply_kernel(
       const acc_t xv = static_cast<acc_t>(x.v[v]), dv = static_cast<acc_t>(d.v[v]);
       if constexpr (kTraining) {
         acc_t a, b;
-        bn_backward_coefs(train.sum_dz[ch], train.sum_dz_xhat[ch], train.invstd[ch], train.inv_m, a, b);
+        bn_backward_coefs(train.sum_dz[ch], train.sum_dz_xhat[ch], scale[ch], train.invstd[ch], train.inv_m, a, b);
         r.v[v] = static_cast<scalar_t>(bn_relu_grad_train(dv, xv, scale[ch], shift[ch], train.mean[ch], a, b));
       } else {
         r.v[v] = static_cast<scalar_t>(bn_relu_grad_eval(dv, xv, scale[ch], shift[ch]));
@@ -492,6 +492,71 @@ at::Tensor bn_relu_backward_apply_cuda(const at::Tensor& grad_in, const at::Tens
   return du;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The composites: bn_relu_forward = statistics (training) → per-channel finish → apply, and bn_relu_backward =
+// reduce → apply, as launches of the kernels above on the current stream.
+
+// One thread per channel: bn_forward_channel with the batch statistics (training; `fill` for every channel
+// when there are none, NaN for an empty batch) and writes mean, invstd, scale and shift.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) bn_forward_channels_kernel(const BnForwardArgs<acc_t> a, int64_t c,
+                                                                       acc_t fill, acc_t* __restrict__ mean,
+                                                                       const acc_t* __restrict__ var,
+                                                                       acc_t* __restrict__ invstd,
+                                                                       acc_t* __restrict__ scale,
+                                                                       acc_t* __restrict__ shift) {
+  const int64_t ch = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (ch >= c) return;
+  const bool have_batch = var != nullptr;
+  const acc_t bm = have_batch ? mean[ch] : fill, bv = have_batch ? var[ch] : fill;
+  const acc_t bi = have_batch ? invstd[ch] : fill;
+  bn_forward_channel(a, ch, bm, bv, bi, mean[ch], invstd[ch], scale[ch], shift[ch]);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cuda(
+    const at::Tensor& u_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
+    double momentum, double eps) {
+  check_bn_relu_forward(u_in, weight, bias, running_mean, running_var, training);
+  const c10::cuda::CUDAGuard guard(u_in.device());
+  const int64_t c = u_in.size(1);
+  const auto opts = u_in.options().dtype(stats_dtype(u_in));
+  at::Tensor scale = at::empty({c}, opts), shift = at::empty({c}, opts);
+  BnForwardVectors vectors(u_in, weight, bias, running_mean, running_var);
+  const bool batch_stats = training || !running_mean.has_value();
+  at::Tensor mean, var, invstd;
+  if (batch_stats && u_in.numel() > 0) {
+    std::tie(mean, var, invstd) = bn_stats_cuda(u_in, eps);
+  } else {
+    mean = at::empty({c}, opts);
+    invstd = at::empty({c}, opts);
+  }
+  if (c > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_in.scalar_type(), "bn_relu_forward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto args = vectors.args<acc_t>(u_in, training, momentum, eps);
+      bn_forward_channels_kernel<acc_t><<<blocks_for(c), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          args, c, static_cast<acc_t>(NAN), mean.mutable_data_ptr<acc_t>(),
+          var.defined() ? var.const_data_ptr<acc_t>() : nullptr, invstd.mutable_data_ptr<acc_t>(),
+          scale.mutable_data_ptr<acc_t>(), shift.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  vectors.finish();
+  at::Tensor out = bn_relu_apply_cuda(u_in, scale, shift);
+  return {out, scale, shift, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(const at::Tensor& grad, const at::Tensor& u,
+                                                                     const at::Tensor& scale, const at::Tensor& shift,
+                                                                     const at::Tensor& mean, const at::Tensor& invstd) {
+  check_bn_relu_backward("bn_relu_backward", grad, u,
+                         {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}, {&invstd, "invstd"}});
+  auto [sum_dz, sum_dz_xhat] = bn_relu_backward_reduce_cuda(grad, u, scale, shift, mean, invstd);
+  at::Tensor du = bn_relu_backward_apply_cuda(grad, u, scale, shift, mean, invstd, sum_dz, sum_dz_xhat);
+  return {du, sum_dz, sum_dz_xhat};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_hourglass, CUDA, m) {
@@ -499,6 +564,8 @@ TORCH_LIBRARY_IMPL(fused_hourglass, CUDA, m) {
   m.impl("bn_relu_apply", &bn_relu_apply_cuda);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);
   m.impl("bn_relu_backward_apply", &bn_relu_backward_apply_cuda);
+  m.impl("bn_relu_forward", &bn_relu_forward_cuda);
+  m.impl("bn_relu_backward", &bn_relu_backward_cuda);
 }
 
 }  // namespace fused_hourglass
