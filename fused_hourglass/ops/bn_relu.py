@@ -1,10 +1,12 @@
-"""`bn_relu(u, ...) = relu(batch_norm(u, ...))` as four compiled ops, and the `BatchNormReLU2d` module.
+"""`bn_relu(u, ...) = relu(batch_norm(u, ...))` as compiled ops, and the `BatchNormReLU2d` module.
 
-Forward (training): `bn_stats` reads u once (Welford partials merged with Chan's formula, fp32 even for
-fp16/bf16 u), then `bn_relu_apply` reads u and writes r. Backward recomputes r's mask from u instead of saving
-r: `bn_relu_backward_reduce` gives Σdz and Σdz·x̂ per channel (the bias and weight gradients), and
-`bn_relu_backward_apply` the input gradient. Only u and per-channel vectors are saved, about half of what eager
-BatchNorm2d + ReLU keep (u and r).
+Forward: one `bn_relu_forward` call computes the batch statistics in training (Welford partials merged with
+Chan's formula, fp32 even for fp16/bf16 u), updates the running statistics in place, forms the per-channel
+scale and shift, and writes r = relu(u·scale + shift). Backward recomputes r's mask from u instead of saving r:
+`bn_relu_backward` gives the input gradient and the per-channel sums Σdz and Σdz·x̂ (the bias and weight
+gradients) in one call. The parts are also ops of their own (`bn_stats`, `bn_relu_apply`,
+`bn_relu_backward_reduce`, `bn_relu_backward_apply`), used where only some of the gradients are needed. Only u
+and per-channel vectors are saved, about half of what eager BatchNorm2d + ReLU keep (u and r).
 
 Per-channel vectors (mean, invstd, scale, shift, sums) are in the statistics dtype: float64 for float64 u,
 float32 otherwise.

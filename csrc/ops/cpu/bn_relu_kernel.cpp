@@ -3,8 +3,9 @@
 // the contiguous, vectorised axis. Inner loops are plain loops over independent lanes calling the shared
 // arithmetic of ops/bn_relu.h, written so the compiler vectorises them.
 //
-// Reductions are deterministic and independent of the thread count: the partition into partials (planes or
-// fixed row blocks) depends only on the shape, and partials are merged per channel in index order.
+// Reductions are deterministic and independent of the thread count: the partition into partials (runs of a
+// channel's planes, or fixed row blocks) depends only on the shape, and partials are merged per channel in
+// index order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -69,12 +70,16 @@ FH_CPU_CLONES void run_sums(const scalar_t* __restrict__ p, int64_t steps, acc_t
       if constexpr (kNonfinite) nonfinite[l] += welford_nonfinite(x);
     }
   }
-  t1 = t2 = tn = acc_t(0);
+  // Summed in locals: accumulating through the references would store every step (they may alias).
+  acc_t a1 = 0, a2 = 0, an = 0;
   for (int64_t l = 0; l < kLanes; ++l) {
-    t1 += s1[l];
-    t2 += s2[l];
-    if constexpr (kNonfinite) tn += nonfinite[l];
+    a1 += s1[l];
+    a2 += s2[l];
+    if constexpr (kNonfinite) an += nonfinite[l];
   }
+  t1 = a1;
+  t2 = a2;
+  tn = an;
 }
 
 template <typename acc_t>
@@ -82,28 +87,50 @@ inline bool finite_sums(acc_t t1, acc_t t2) {
   return std::isfinite(t1) && std::isfinite(t2);
 }
 
-// Welford state of one contiguous NCHW plane: runs of kRun·kLanes values summed in lanes (run_sums), each
-// run folded in with one Chan merge, and the tail summed serially.
+// Plain sums (Σx, Σx², Σnon-finite) of `len` contiguous values: lanes (run_sums, rerun with the non-finite sum
+// when the fast sums come out non-finite) and a serial tail.
 template <typename scalar_t, typename acc_t>
-WelfordState<acc_t> welford_plane(const scalar_t* __restrict__ p, int64_t len, acc_t pivot) {
-  WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
-  const int64_t steps_total = len / kLanes;
-  for (int64_t k0 = 0; k0 < steps_total; k0 += kRun) {
-    const int64_t steps = std::min(kRun, steps_total - k0);
-    const scalar_t* q = p + k0 * kLanes;
-    acc_t t1, t2, tn;
-    run_sums<false>(q, steps, pivot, t1, t2, tn);
-    if (!finite_sums(t1, t2)) run_sums<true>(q, steps, pivot, t1, t2, tn);
-    s = welford_merge(s, welford_from_sums(t1, t2, tn, steps * kLanes));
-  }
-  acc_t s1 = 0, s2 = 0, nonfinite = 0;
-  for (int64_t i = steps_total * kLanes; i < len; ++i) {
+void contiguous_sums(const scalar_t* __restrict__ p, int64_t len, acc_t pivot, acc_t& t1, acc_t& t2, acc_t& tn) {
+  const int64_t steps = len / kLanes;
+  run_sums<false>(p, steps, pivot, t1, t2, tn);
+  if (!finite_sums(t1, t2)) run_sums<true>(p, steps, pivot, t1, t2, tn);
+  for (int64_t i = steps * kLanes; i < len; ++i) {
     const acc_t x = static_cast<acc_t>(p[i]) - pivot;
-    s1 += x;
-    s2 += x * x;
-    nonfinite += welford_nonfinite(x);
+    t1 += x;
+    t2 += x * x;
+    tn += welford_nonfinite(x);
   }
-  return welford_merge(s, welford_from_sums(s1, s2, nonfinite, len - steps_total * kLanes));
+}
+
+// Welford state of channel ch of an NCHW tensor: its N planes in runs of up to kRun·kLanes values, each run's
+// plain sums folded in with one Chan merge. A plane at least that long is split into runs; shorter planes (the
+// 4…32 px levels of the hourglass) are pooled until they fill a run, so the merge and the lanes' horizontal sums
+// are paid once per run rather than once per plane.
+template <typename scalar_t, typename acc_t>
+WelfordState<acc_t> welford_channel_nchw(const scalar_t* __restrict__ data, const Geometry& g, int64_t ch,
+                                         acc_t pivot) {
+  constexpr int64_t kRunValues = kRun * kLanes;
+  WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
+  acc_t c1 = 0, c2 = 0, cn = 0;
+  int64_t count = 0;
+  for (int64_t n = 0; n < g.n; ++n) {
+    const scalar_t* plane = data + (n * g.c + ch) * g.hw;
+    for (int64_t i0 = 0; i0 < g.hw; i0 += kRunValues) {
+      const int64_t len = std::min(kRunValues, g.hw - i0);
+      acc_t t1, t2, tn;
+      contiguous_sums(plane + i0, len, pivot, t1, t2, tn);
+      c1 += t1;
+      c2 += t2;
+      cn += tn;
+      count += len;
+      if (count >= kRunValues) {
+        s = welford_merge(s, welford_from_sums(c1, c2, cn, count));
+        c1 = c2 = cn = acc_t(0);
+        count = 0;
+      }
+    }
+  }
+  return welford_merge(s, welford_from_sums(c1, c2, cn, count));
 }
 
 // Per-channel Σx, Σx² (and with kNonfinite the non-finite sum) of channels_last rows [q0, q1), a lane per
@@ -175,23 +202,26 @@ void bn_stats_impl(const at::Tensor& u, const Geometry& g, double eps, at::Tenso
   for (int64_t ch = 0; ch < g.c; ++ch) {
     pivot[ch] = welford_pivot(static_cast<acc_t>(data[g.channels_last ? ch : ch * g.hw]));
   }
-  // partial[p·C + c]: the Welford state of channel c over partial p (plane n, or channels_last row block p).
-  std::vector<WelfordState<acc_t>> partial(parts * g.c);
-  if (g.channels_last) {
-    const int64_t rows = rows_per_block(g.c);
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        welford_rows(data, g.c, p * rows, std::min(g.m, (p + 1) * rows), pivot.data(), partial.data() + p * g.c);
-      }
-    });
-  } else {
-    at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) partial[plane] = welford_plane<scalar_t, acc_t>(data + plane * g.hw, g.hw, pivot[plane % g.c]);
-    });
-  }
   acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
   acc_t* var_p = var.mutable_data_ptr<acc_t>();
   acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
+  if (!g.channels_last) {
+    at::parallel_for(0, g.c, grain_for(g.m), [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        welford_finalize(welford_channel_nchw(data, g, ch, pivot[ch]), pivot[ch], static_cast<acc_t>(eps),
+                         mean_p[ch], var_p[ch], invstd_p[ch]);
+      }
+    });
+    return;
+  }
+  // partial[p·C + c]: the Welford state of channel c over channels_last row block p.
+  std::vector<WelfordState<acc_t>> partial(parts * g.c);
+  const int64_t rows = rows_per_block(g.c);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      welford_rows(data, g.c, p * rows, std::min(g.m, (p + 1) * rows), pivot.data(), partial.data() + p * g.c);
+    }
+  });
   at::parallel_for(0, g.c, grain_for(parts), [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
@@ -220,6 +250,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& u_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "bn_stats_cpu",
                                   [&] { bn_stats_impl<scalar_t>(u, g, eps, mean, var, invstd); });
   return {mean, var, invstd};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Channels_last element-wise passes run after a full reduction pass over the same rows. Each thread walks its
+// share of rows from the end back to the start, in blocks of kBackRows: the rows it read last in the reduction
+// (the same shares, as both passes split [0, M) evenly) are the ones still in cache, so it starts there.
+constexpr int64_t kBackRows = 64;
+
+template <typename Block>
+void for_rows_backwards(int64_t m, int64_t grain, const Block& block) {
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r1 = end; r1 > begin; r1 -= kBackRows) block(std::max(begin, r1 - kBackRows), r1);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -311,7 +354,7 @@ void bn_relu_apply_impl(const at::Tensor& u, const Geometry& g, const at::Tensor
   const acc_t* sc = scale.const_data_ptr<acc_t>();
   const acc_t* sh = shift.const_data_ptr<acc_t>();
   if (g.channels_last) {
-    at::parallel_for(0, g.m, grain_for(g.c), [&](int64_t begin, int64_t end) {
+    for_rows_backwards(g.m, grain_for(g.c), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) apply_row(in + r * g.c, o + r * g.c, sc, sh, g.c);
     });
   } else {
@@ -514,7 +557,7 @@ void bn_relu_backward_apply_impl(const at::Tensor& dr, const at::Tensor& u, cons
   const acc_t* cb = b_buf.data();
   const acc_t* mu = mean_buf.data();
   if (g.channels_last) {
-    at::parallel_for(0, g.m, grain_for(2 * g.c), [&](int64_t begin, int64_t end) {
+    for_rows_backwards(g.m, grain_for(2 * g.c), [&](int64_t begin, int64_t end) {
       const int64_t off = begin * g.c;
       grad_rows(dr_p + off, u_p + off, du_p + off, sc, sh, mu, ca, cb, training, g.c, end - begin);
     });
@@ -567,10 +610,14 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_in, const at::Tenso
 
 // ---------------------------------------------------------------------------------------------------------
 // bn_relu_forward and bn_relu_backward: the composite ops, each one call for what the autograd functions
-// would otherwise do in several. Both are two passes over u: a reduction, then the element-wise pass. (Finishing
-// one NCHW channel at a time, so its second pass reads from cache, measured no faster on a 2-core EPYC: these
-// loops are bound by arithmetic, not by L3 bandwidth, and at power-of-two plane sizes the planes of a channel
-// collide in the cache sets.)
+// would otherwise do in several: a reduction over u (and the gradient), then the element-wise pass. In NCHW a
+// channel's values are N contiguous planes, so both finish one channel before starting the next: its planes are
+// reduced and then, while they are still in this core's cache (N·H·W values of each input: 64 KiB at N = 4,
+// 64×64, fp32), normalised, so u (and the gradient) come from memory once instead of twice. In a training step
+// u, r, the gradient and du together outgrow the L3 cache, so that second read would otherwise be a DRAM read.
+// The reductions are those of the separate ops, so the results are bit for bit theirs. Channels_last
+// interleaves all channels in every row, so there the reduction completes before the element-wise pass starts,
+// and that pass walks the rows backwards (see for_rows_backwards).
 
 template <typename scalar_t>
 void bn_relu_forward_impl(const at::Tensor& u, const Geometry& g, const BnForwardArgs<at::opmath_type<scalar_t>>& a,
@@ -586,6 +633,23 @@ void bn_relu_forward_impl(const at::Tensor& u, const Geometry& g, const BnForwar
     // leaves the running statistics alone (BnForwardArgs::update_running).
     const acc_t nan = static_cast<acc_t>(NAN);
     for (int64_t ch = 0; ch < g.c; ++ch) bn_forward_channel(a, ch, nan, nan, nan, mu[ch], is[ch], sc[ch], sh[ch]);
+    return;
+  }
+  if (a.batch_stats && !g.channels_last) {
+    const scalar_t* in = u.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.c, grain_for(g.m), [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        const acc_t pivot = welford_pivot(static_cast<acc_t>(in[ch * g.hw]));
+        acc_t batch_mean, batch_var, batch_invstd;
+        welford_finalize(welford_channel_nchw(in, g, ch, pivot), pivot, a.eps, batch_mean, batch_var, batch_invstd);
+        bn_forward_channel(a, ch, batch_mean, batch_var, batch_invstd, mu[ch], is[ch], sc[ch], sh[ch]);
+        for (int64_t n = 0; n < g.n; ++n) {
+          const int64_t off = (n * g.c + ch) * g.hw;
+          apply_plane(in + off, o + off, sc[ch], sh[ch], g.hw);
+        }
+      }
+    });
     return;
   }
   if (a.batch_stats) {
@@ -623,6 +687,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_f
   return {out, scale, shift, mean, invstd};
 }
 
+template <typename scalar_t>
+void bn_relu_backward_nchw(const at::Tensor& dr, const at::Tensor& u, const Geometry& g, const at::Tensor& scale,
+                           const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd,
+                           at::Tensor& du, at::Tensor& sum_dz, at::Tensor& sum_dz_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* dr_p = dr.const_data_ptr<scalar_t>();
+  const scalar_t* u_p = u.const_data_ptr<scalar_t>();
+  scalar_t* du_p = du.mutable_data_ptr<scalar_t>();
+  const acc_t* sc = scale.const_data_ptr<acc_t>();
+  const acc_t* sh = shift.const_data_ptr<acc_t>();
+  const acc_t* mu = mean.const_data_ptr<acc_t>();
+  const acc_t* is = invstd.const_data_ptr<acc_t>();
+  acc_t* s_dz = sum_dz.mutable_data_ptr<acc_t>();
+  acc_t* s_dzx = sum_dz_xhat.mutable_data_ptr<acc_t>();
+  const acc_t inv_m = acc_t(1) / static_cast<acc_t>(g.m);
+  at::parallel_for(0, g.c, grain_for(2 * g.m), [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      // As bn_relu_backward_reduce_impl: one partial per plane, summed in plane order.
+      acc_t a = acc_t(0), b = acc_t(0);
+      for (int64_t n = 0; n < g.n; ++n) {
+        const int64_t off = (n * g.c + ch) * g.hw;
+        const GradSums<acc_t> p = grad_sums_plane(dr_p + off, u_p + off, g.hw, sc[ch], sh[ch], mu[ch]);
+        a += p.dz;
+        b += p.dz_xc;
+      }
+      s_dz[ch] = a;
+      s_dzx[ch] = b * is[ch];
+      acc_t ka, kb;
+      bn_backward_coefs(s_dz[ch], s_dzx[ch], sc[ch], is[ch], inv_m, ka, kb);
+      for (int64_t n = 0; n < g.n; ++n) {
+        const int64_t off = (n * g.c + ch) * g.hw;
+        grad_plane(dr_p + off, u_p + off, du_p + off, sc[ch], sh[ch], mu[ch], ka, kb, true, g.hw);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& u_in,
                                                                     const at::Tensor& scale_in,
                                                                     const at::Tensor& shift_in,
@@ -641,8 +742,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(const at::Te
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
   const Geometry g = geometry_of(u, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "bn_relu_backward_cpu", [&] {
-    bn_relu_backward_reduce_impl<scalar_t>(dr, u, g, scale, shift, mean, invstd, sum_dz, sum_dz_xhat);
-    bn_relu_backward_apply_impl<scalar_t>(dr, u, g, scale, shift, &mean, &invstd, &sum_dz, &sum_dz_xhat, du);
+    if (g.channels_last) {
+      bn_relu_backward_reduce_impl<scalar_t>(dr, u, g, scale, shift, mean, invstd, sum_dz, sum_dz_xhat);
+      bn_relu_backward_apply_impl<scalar_t>(dr, u, g, scale, shift, &mean, &invstd, &sum_dz, &sum_dz_xhat, du);
+    } else {
+      bn_relu_backward_nchw<scalar_t>(dr, u, g, scale, shift, mean, invstd, du, sum_dz, sum_dz_xhat);
+    }
   });
   return {du, sum_dz, sum_dz_xhat};
 }
