@@ -8,8 +8,8 @@ Backends:
                pools are `max_pool2x2` (no saved indices); the hourglass merge is one `upsample_add`.
   "triton"     CUDA: every Residual is the Triton BN-ReLU-prologue conv chain (`fused_hourglass.triton`), the
                hourglass merge folded into up1's last convolution; pools as "fused".
-  "auto"       "triton" for CUDA inputs when Triton is available, else "fused" when the extension has kernels
-               for the input's device, else "reference".
+  "auto"       "triton" for CUDA inputs when Triton is available and the model is float32, float16 or
+               bfloat16, else "fused" when the extension has kernels for the input's device, else "reference".
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from .checkpoint import check_compatible, infer_config, read_state_dict
 from .ops.bn_relu import module_statistics_arguments
 
 BACKENDS = ("auto", "reference", "fused", "triton")
-_FUSED_OPS = ("upsample_add", "bn_relu_apply", "max_pool2x2")
+_FUSED_OPS = ("upsample_add", "bn_relu_forward", "max_pool2x2")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the Triton conv kernels' (no float64)
 
 
 def _triton():
@@ -129,11 +130,13 @@ class StackedHourglass(reference.StackedHourglass):
             raise ValueError(f"StackedHourglass: backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
 
-    def resolve_backend(self, device: torch.device) -> str:
-        """The backend a forward on `device` runs."""
+    def resolve_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        """The backend a forward on `device` runs, for parameters of `dtype` (default: the model's)."""
         if self._backend != "auto":
             return self._backend
-        if device.type == "cuda" and _triton_available():
+        if dtype is None:
+            dtype = next(self.parameters()).dtype
+        if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_available():
             return "triton"
         fused = all(_ext.has_kernel(op, device.type) for op in _FUSED_OPS)
         return "fused" if fused else "reference"

@@ -381,7 +381,7 @@ def test_fallback_without_kernel_warns_once_and_matches(monkeypatch):
     monkeypatch.setattr(_ext, "_warned", set())
     ref, fused = make_modules(3)
     u = make_input((2, 3, 4, 4))
-    with pytest.warns(RuntimeWarning, match="bn_relu_apply: compiled kernel unavailable"):
+    with pytest.warns(RuntimeWarning, match="bn_relu_forward: compiled kernel unavailable"):
         y_f = fused(u)
     y_r = ref(u)
     assert_close(y_f, y_r, torch.float32, "fallback output")

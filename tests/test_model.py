@@ -69,6 +69,21 @@ def test_backend_resolution_and_validation():
     assert StackedHourglass(1, 16, 4, backend="triton").resolve_backend(torch.device("cpu")) == "triton"
 
 
+def test_auto_backend_on_cuda_picks_triton_only_for_its_dtypes(monkeypatch):
+    """The Triton kernels take float32/float16/bfloat16: a float64 model on CUDA resolves to "fused"."""
+    from fused_hourglass import _ext
+    from fused_hourglass import model as model_module
+
+    monkeypatch.setattr(model_module, "_triton_available", lambda: True)
+    monkeypatch.setattr(_ext, "has_kernel", lambda op, device_type: True)
+    model = StackedHourglass(1, 16, 4)
+    cuda = torch.device("cuda")
+    assert model.resolve_backend(cuda) == "triton"
+    assert model.resolve_backend(cuda, torch.bfloat16) == "triton"
+    assert model.resolve_backend(cuda, torch.float64) == "fused"
+    assert model.double().resolve_backend(cuda) == "fused"
+
+
 def test_fused_backend_routes_through_upsample_add(monkeypatch):
     from fused_hourglass import model as model_module
 

@@ -149,7 +149,7 @@ def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     """
     batch_stats = training or running_mean is None
     _check_bn_relu(u, weight, bias, running_mean, running_var, batch_stats)
-    if not _ext.use_kernel("bn_relu_apply", u.device):
+    if not _ext.use_kernel("bn_relu_forward", u.device):
         return reference.bn_relu(u, weight, bias, running_mean, running_var, training, momentum, eps)
     return _BnReLUFunction.apply(u, weight, bias, running_mean, running_var, training, momentum, eps)
 

@@ -71,7 +71,7 @@ def bn_relu_conv2d(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     if conv_weight.shape[1] != u.shape[1]:
         raise ValueError(f"{op}: conv_weight must have {u.shape[1]} input channels (the channels of u), "
                          f"got shape {list(conv_weight.shape)}")
-    if not _ext.use_kernel("bn_relu_apply", u.device):
+    if not _ext.use_kernel("bn_relu_forward", u.device):
         r = reference.bn_relu(u, weight, bias, running_mean, running_var, training, momentum, eps)
         return F.conv2d(r, conv_weight, conv_bias, padding=padding)
     return _BnReLUConvFunction.apply(u, weight, bias, running_mean, running_var, training, momentum, eps, conv_weight,
