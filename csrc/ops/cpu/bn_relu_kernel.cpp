@@ -32,8 +32,14 @@ namespace {
 // loop that GCC vectorises (with 16 lanes it unrolls it and vectorises the outer loop, at scalar speed).
 constexpr int64_t kLanes = 32;
 
-// Rows (pixels) per channels_last partial: about 32 K values, whose per-channel state stays in L1.
-inline int64_t rows_per_block(int64_t c) { return grain_for(c); }
+// Rows per channels_last statistics run: rows_sums adds four rows per step into one lane per channel, so each
+// lane sums 64 values, as a lane of the NCHW runs does, and the per-channel Chan merge (two divisions) is paid
+// once per 256 values rather than once per 64.
+constexpr int64_t kRunRows = 256;
+
+// Rows (pixels) per channels_last partial: at least a statistics run, and about 32 K values when the channels
+// are few; the per-channel state stays in L1.
+inline int64_t rows_per_block(int64_t c) { return std::max(kRunRows, grain_for(c)); }
 
 struct Geometry {
   int64_t n, c, hw, m;
@@ -169,7 +175,7 @@ FH_CPU_CLONES void rows_sums(const scalar_t* __restrict__ u, int64_t c, int64_t 
   }
 }
 
-// One channels_last partial: rows [r0, r1) of the [M, C] matrix in runs of kRun rows, each run folded into the
+// One channels_last partial: rows [r0, r1) of the [M, C] matrix in runs of kRunRows rows, each run folded into the
 // channel's Welford state. A run with a non-finite sum in any channel is summed again with the non-finite sums.
 template <typename scalar_t, typename acc_t>
 void welford_rows(const scalar_t* __restrict__ u, int64_t c, int64_t r0, int64_t r1, const acc_t* __restrict__ pivot,
@@ -179,8 +185,8 @@ void welford_rows(const scalar_t* __restrict__ u, int64_t c, int64_t r0, int64_t
   acc_t* s2 = s1 + c;
   acc_t* nonfinite = s2 + c;
   for (int64_t ch = 0; ch < c; ++ch) out[ch] = {acc_t(0), acc_t(0), acc_t(0), 0};
-  for (int64_t q0 = r0; q0 < r1; q0 += kRun) {
-    const int64_t q1 = std::min(r1, q0 + kRun);
+  for (int64_t q0 = r0; q0 < r1; q0 += kRunRows) {
+    const int64_t q1 = std::min(r1, q0 + kRunRows);
     rows_sums<false>(u, c, q0, q1, pivot, s1, s2, nonfinite);
     bool finite = true;
     for (int64_t ch = 0; ch < c; ++ch) finite &= finite_sums(s1[ch], s2[ch]);
