@@ -24,10 +24,18 @@ _warned: set[tuple[str, str]] = set()
 @torch.compiler.assume_constant_result
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether `fused_hourglass::op` has a compiled kernel for tensors on `device_type` ('cpu', 'cuda')."""
-    if not HAS_EXTENSION:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key)
+    found = _has_kernel_cache.get((op, device_type))
+    if found is None:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        found = (HAS_EXTENSION and key is not None
+                 and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key))
+        _has_kernel_cache[(op, device_type)] = found
+    return found
+
+
+# has_kernel's answers: the kernels are registered when _C is imported and never change afterwards, and the
+# dispatcher query costs microseconds on every op call.
+_has_kernel_cache: dict[tuple[str, str], bool] = {}
 
 
 @torch.compiler.assume_constant_result

@@ -98,8 +98,11 @@ inline bool finite_sums(acc_t t1, acc_t t2) {
 template <typename scalar_t, typename acc_t>
 void contiguous_sums(const scalar_t* __restrict__ p, int64_t len, acc_t pivot, acc_t& t1, acc_t& t2, acc_t& tn) {
   const int64_t steps = len / kLanes;
-  run_sums<false>(p, steps, pivot, t1, t2, tn);
-  if (!finite_sums(t1, t2)) run_sums<true>(p, steps, pivot, t1, t2, tn);
+  t1 = t2 = tn = acc_t(0);
+  if (steps > 0) {  // (planes shorter than kLanes, 4×4 px and below, skip the lanes' set-up and reduction)
+    run_sums<false>(p, steps, pivot, t1, t2, tn);
+    if (!finite_sums(t1, t2)) run_sums<true>(p, steps, pivot, t1, t2, tn);
+  }
   for (int64_t i = steps * kLanes; i < len; ++i) {
     const acc_t x = static_cast<acc_t>(p[i]) - pivot;
     t1 += x;
