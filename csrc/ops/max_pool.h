@@ -24,14 +24,18 @@ FH_HOST_DEVICE inline bool replaces_max(acc_t v, acc_t m) {
   return (v > m) | (v != v);
 }
 
-// The window's gradient g routed to its taps: g at the tap F.max_pool2d picks, +0 at the other three. The
-// scan carries the four outputs instead of the picked position: selects on an integer position made GCC
+// The window's gradient g routed to its taps: g at the tap F.max_pool2d picks, +0 at the other three. F adds
+// g into a zero-filled gradient, so a −0 gradient lands as +0: it is mapped to +0 here too, by a select rather
+// than an add, which keeps NaN payloads as F's float32/float64/float16 kernels do (its bfloat16 backward
+// re-encodes the sum from float and makes them canonical).
+// The scan carries the four outputs instead of the picked position: selects on an integer position made GCC
 // thread jumps through the chain of known positions before if-conversion, and the CPU loop did not vectorise.
 template <typename scalar_t>
-FH_HOST_DEVICE inline void route_grad4(scalar_t v0, scalar_t v1, scalar_t v2, scalar_t v3, scalar_t g,
+FH_HOST_DEVICE inline void route_grad4(scalar_t v0, scalar_t v1, scalar_t v2, scalar_t v3, scalar_t g_in,
                                        scalar_t& d0, scalar_t& d1, scalar_t& d2, scalar_t& d3) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t zero(0);
+  const scalar_t g = static_cast<acc_t>(g_in) == acc_t(0) ? zero : g_in;
   acc_t m = static_cast<acc_t>(v0);
   acc_t a = static_cast<acc_t>(v1);
   bool r = replaces_max(a, m);
@@ -52,10 +56,10 @@ FH_HOST_DEVICE inline void route_grad4(scalar_t v0, scalar_t v1, scalar_t v2, sc
   d3 = r ? g : zero;
 }
 
-// The value F.max_pool2d outputs for the window: the picked element as stored (so −0 versus +0 among equal
-// maxima, and a NaN's payload, come out bit for bit as F's). The comparisons are in acc_t (exact: the
-// conversion of a reduced-precision float to float is), the running maximum is kept as stored too; for
-// float and double the two are the same variable.
+// The value F.max_pool2d outputs for the window: the picked element as stored, so −0 versus +0 among equal
+// maxima, and a NaN's payload, come out bit for bit as F's (whose float16/bfloat16 kernels make NaNs canonical).
+// The comparisons are in acc_t (exact: converting a reduced-precision float to float is), the running maximum
+// is kept as stored too; for float and double the two are the same variable.
 template <typename scalar_t>
 FH_HOST_DEVICE inline scalar_t max4(scalar_t v0, scalar_t v1, scalar_t v2, scalar_t v3) {
   using acc_t = at::opmath_type<scalar_t>;
