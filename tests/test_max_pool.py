@@ -81,6 +81,53 @@ def test_nan_and_infinities(channels_last, dtype):
     assert_same(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The stored bit patterns (NCHW order), so −0 ≠ +0 and NaN payloads count."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _quiet_nans(dtype: torch.dtype, count: int, gen: torch.Generator) -> torch.Tensor:
+    """`count` quiet NaNs of either sign with distinct low payload bits."""
+    itype, quiet, sign = {torch.float64: (torch.int64, 0x7FF8000000000000, -(1 << 63)),
+                          torch.float32: (torch.int32, 0x7FC00000, -(1 << 31)),
+                          torch.float16: (torch.int16, 0x7E00, -(1 << 15)),
+                          torch.bfloat16: (torch.int16, 0x7FC0, -(1 << 15))}[dtype]
+    payload = torch.arange(1, count + 1, dtype=torch.int64) % 31 + 1
+    signs = torch.randint(0, 2, (count,), generator=gen, dtype=torch.int64) * sign
+    return (quiet | payload | signs).to(itype).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bitwise_signed_zeros_and_nan_payloads(dtype, channels_last):
+    # C = 37 and W/2 = 19 are not multiples of any vector width: vector bodies and scalar tails in both
+    # layouts. Values from {−1, −0, +0, 1} and NaNs with payloads; the gradient has −0 and NaN payloads too.
+    gen = torch.Generator().manual_seed(7)
+    shape = (2, 37, 6, 38)
+    sign = torch.randint(0, 2, shape, generator=gen) * 2 - 1
+    x = (torch.randint(0, 2, shape, generator=gen) * sign).to(dtype)  # 0 · −1 is −0
+    nan_mask = torch.rand(shape, generator=gen) < 0.1
+    x[nan_mask] = _quiet_nans(dtype, int(nan_mask.sum()), gen)
+    g_sign = torch.randint(0, 2, (2, 37, 3, 19), generator=gen) * 2 - 1
+    g = (torch.randint(0, 2, g_sign.shape, generator=gen) * g_sign).to(dtype)
+    g_nan = torch.rand(g.shape, generator=gen) < 0.1
+    g[g_nan] = _quiet_nans(dtype, int(g_nan.sum()), gen)
+    if channels_last:
+        x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+    (y, dx), (y_ref, dx_ref) = both(x, g)
+    # The output is the element F picks, as stored. F's float16/bfloat16 kernels return NaNs re-encoded
+    # from float (canonical payloads), so only float32/float64 outputs equal F's bit for bit.
+    _, idx = F.max_pool2d(x, 2, 2, return_indices=True)
+    assert torch.equal(_bits(y), _bits(x).flatten(2).gather(2, idx.flatten(2)).view_as(y))
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(_bits(y), _bits(y_ref))
+    # The gradient lands as F's +0 + g: −0 becomes +0, NaN payloads are kept. F's bfloat16 backward re-encodes
+    # the sum from float, which makes its NaNs canonical: there, NaNs are compared as NaNs.
+    if dtype == torch.bfloat16:
+        dx, dx_ref = (torch.where(t.isnan(), torch.full_like(t, float("nan")), t) for t in (dx, dx_ref))
+    assert torch.equal(_bits(dx), _bits(dx_ref))
+
+
 def test_non_contiguous_input():
     base = torch.randn(2, 6, 10, 12, generator=torch.Generator().manual_seed(3))
     assert_same(base[:, ::2, 1:9, 2:])

@@ -10,59 +10,79 @@
 
 namespace fused_hourglass {
 
-// Position (0..3, row-major: top-left, top-right, bottom-left, bottom-right) of the value F.max_pool2d picks in
-// a window. F's rule is sequential: a value replaces the running maximum when it is strictly greater or NaN.
-// Hence, without NaN, the first maximum wins (ties included; an all −inf window gives 0), and with NaNs the
-// last NaN wins. It is evaluated here in that closed form, in integer arithmetic on comparison results: no
-// branches, which matters on the CPU, where a branchy argmax mispredicts on every other window of real data.
-// max(a, b) as a < b ? b : a: a single maxss on x86, branch-free.
+// F.max_pool2d's window rule is a sequential scan in row-major order (top-left, top-right, bottom-left,
+// bottom-right): a value replaces the running maximum m when it is strictly greater or NaN. Hence, without
+// NaN, the first maximum wins (ties included; an all −inf window gives tap 0), and with NaNs the last NaN wins.
+// The helpers below run that scan literally, three steps of compare + select: no branches (a branchy argmax
+// mispredicts on every other window of real data) and no integer arithmetic on comparison results, so GCC
+// if-converts and vectorises the CPU loops over windows, each step becoming a compare, an unordered compare,
+// an or and a blend. The selects are open-coded: GCC vectorises those, not nested helper calls.
+
+// Does v, met later in the scan, replace the running maximum m?
 template <typename acc_t>
-FH_HOST_DEVICE inline acc_t max2(acc_t a, acc_t b) {
-  return a < b ? b : a;
+FH_HOST_DEVICE inline bool replaces_max(acc_t v, acc_t m) {
+  return (v > m) | (v != v);
 }
 
-template <typename acc_t>
-FH_HOST_DEVICE inline int argmax4(acc_t v0, acc_t v1, acc_t v2, acc_t v3) {
-  // The maximum when there is no NaN. Written out rather than through max2: GCC if-converts (and so
-  // vectorises) the open-coded selects, not the nested inlined calls.
-  const acc_t a = v0 < v1 ? v1 : v0, b = v2 < v3 ? v3 : v2;
-  const acc_t m = a < b ? b : a;
-  // v_i < m is "v_i is not the maximum" (no NaN); the first i where it is false is the first maximum.
-  const int below0 = v0 < m, below1 = v1 < m, below2 = v2 < m;
-  const int first_max = below0 + (below0 & below1) + (below0 & below1 & below2);
-  const int nan0 = v0 != v0, nan1 = v1 != v1, nan2 = v2 != v2, nan3 = v3 != v3;
-  const int last_nan = 3 * nan3 + (1 - nan3) * (2 * nan2 + (1 - nan2) * nan1);
-  const int any_nan = nan0 | nan1 | nan2 | nan3;
-  return any_nan * last_nan + (1 - any_nan) * first_max;
+// The window's gradient g routed to its taps: g at the tap F.max_pool2d picks, +0 at the other three. F adds
+// g into a zero-filled gradient, so a −0 gradient lands as +0: it is mapped to +0 here too, by a select rather
+// than an add, which keeps NaN payloads as F's float32/float64/float16 kernels do (its bfloat16 backward
+// re-encodes the sum from float and makes them canonical).
+// The scan carries the four outputs instead of the picked position: selects on an integer position made GCC
+// thread jumps through the chain of known positions before if-conversion, and the CPU loop did not vectorise.
+template <typename scalar_t>
+FH_HOST_DEVICE inline void route_grad4(scalar_t v0, scalar_t v1, scalar_t v2, scalar_t v3, scalar_t g_in,
+                                       scalar_t& d0, scalar_t& d1, scalar_t& d2, scalar_t& d3) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t zero(0);
+  const scalar_t g = static_cast<acc_t>(g_in) == acc_t(0) ? zero : g_in;
+  acc_t m = static_cast<acc_t>(v0);
+  acc_t a = static_cast<acc_t>(v1);
+  bool r = replaces_max(a, m);
+  m = r ? a : m;
+  d0 = r ? zero : g;
+  d1 = r ? g : zero;
+  a = static_cast<acc_t>(v2);
+  r = replaces_max(a, m);
+  m = r ? a : m;
+  d0 = r ? zero : d0;
+  d1 = r ? zero : d1;
+  d2 = r ? g : zero;
+  a = static_cast<acc_t>(v3);
+  r = replaces_max(a, m);
+  d0 = r ? zero : d0;
+  d1 = r ? zero : d1;
+  d2 = r ? zero : d2;
+  d3 = r ? g : zero;
+}
+
+// The value F.max_pool2d outputs for the window: the picked element as stored, so −0 versus +0 among equal
+// maxima, and a NaN's payload, come out bit for bit as F's (whose float16/bfloat16 kernels make NaNs canonical).
+// The comparisons are in acc_t (exact: converting a reduced-precision float to float is), the running maximum
+// is kept as stored too; for float and double the two are the same variable.
+template <typename scalar_t>
+FH_HOST_DEVICE inline scalar_t max4(scalar_t v0, scalar_t v1, scalar_t v2, scalar_t v3) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t m = v0;
+  acc_t am = static_cast<acc_t>(v0);
+  acc_t a = static_cast<acc_t>(v1);
+  bool r = replaces_max(a, am);
+  m = r ? v1 : m;
+  am = r ? a : am;
+  a = static_cast<acc_t>(v2);
+  r = replaces_max(a, am);
+  m = r ? v2 : m;
+  am = r ? a : am;
+  a = static_cast<acc_t>(v3);
+  return replaces_max(a, am) ? v3 : m;
 }
 
 FH_HOST_DEVICE inline int64_t tap_offset(int k, int64_t dx, int64_t dy) { return (k & 1) * dx + (k >> 1) * dy; }
 
-// The window whose top-left tap is p, with taps at p, p + dx, p + dy, p + dy + dx: the position of its maximum.
-template <typename scalar_t>
-FH_HOST_DEVICE inline int window_argmax(const scalar_t* p, int64_t dx, int64_t dy) {
-  using acc_t = at::opmath_type<scalar_t>;
-  return argmax4<acc_t>(static_cast<acc_t>(p[0]), static_cast<acc_t>(p[dx]), static_cast<acc_t>(p[dy]),
-                        static_cast<acc_t>(p[dy + dx]));
-}
-
-// The k-th of four values, by selects (no data-dependent address, so CPU loops over windows vectorise).
-template <typename T>
-FH_HOST_DEVICE inline T select4(int k, T v0, T v1, T v2, T v3) {
-  const T lo = k == 0 ? v0 : v1;
-  const T hi = k == 2 ? v2 : v3;
-  return k < 2 ? lo : hi;
-}
-
-// The value F.max_pool2d outputs for the window: the element at window_argmax, returned as stored (so −0
-// versus +0 among equal maxima, and a NaN's payload, come out bit for bit as F's).
+// The value F.max_pool2d outputs for that window (see max4).
 template <typename scalar_t>
 FH_HOST_DEVICE inline scalar_t window_max(const scalar_t* p, int64_t dx, int64_t dy) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t v0 = p[0], v1 = p[dx], v2 = p[dy], v3 = p[dy + dx];
-  const int k = argmax4<acc_t>(static_cast<acc_t>(v0), static_cast<acc_t>(v1), static_cast<acc_t>(v2),
-                               static_cast<acc_t>(v3));
-  return select4(k, v0, v1, v2, v3);
+  return max4(p[0], p[dx], p[dy], p[dy + dx]);
 }
 
 inline void check_max_pool2x2(const at::Tensor& x, const char* op) {

@@ -10,104 +10,92 @@
 namespace fused_hourglass {
 namespace {
 
-// Channels_last: the windows of one output pixel are C apart in memory and contiguous across channels, so a
-// loop over channels vectorises with dx = C. NCHW: window j of a row pair has its taps at 2j and 2j + 1 of
-// the two input rows, a stride-2 pattern GCC does not vectorise; the row pair is de-interleaved into chunks of
-// four contiguous tap arrays, the arithmetic runs vectorised over those, and the results are interleaved back.
-constexpr int64_t kChunk = 64;
+// Both layouts are walked by output rows: output row t (of the N·C·H/2 NCHW rows, or of the N·H/2
+// channels_last rows of pixels) reads input rows 2t and 2t + 1, which never straddle planes or images since H
+// is even. So a run of output rows maps to a contiguous run of input rows, with no index division per row.
+//
+// NCHW: window j of a row pair has its taps at 2j and 2j + 1 of the two input rows; GCC vectorises that
+// stride-2 access with grouped loads (two vector loads and even/odd shuffles per row) and, in the backward,
+// grouped stores (unpacks) for the four taps of dx. Channels_last: the taps of one output pixel are C apart
+// and contiguous across channels, so the loop over channels vectorises with plain loads and stores.
 
 template <typename scalar_t>
-FH_CPU_CLONES void pool_pixel_nhwc(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t c,
-                                   int64_t dy) {
-  for (int64_t ch = 0; ch < c; ++ch) out[ch] = window_max(in + ch, c, dy);
-}
-
-template <typename scalar_t>
-FH_CPU_CLONES void unpool_pixel_nhwc(const scalar_t* __restrict__ in, const scalar_t* __restrict__ grad,
-                                     scalar_t* __restrict__ dx_out, int64_t c, int64_t dy) {
-  const scalar_t zero(0);
-  // Every element of dx is written once: the window's gradient at its argmax, zero at the other three taps.
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const int best = window_argmax(in + ch, c, dy);
-    const scalar_t g = grad[ch];
-    dx_out[ch] = best == 0 ? g : zero;
-    dx_out[ch + c] = best == 1 ? g : zero;
-    dx_out[ch + dy] = best == 2 ? g : zero;
-    dx_out[ch + dy + c] = best == 3 ? g : zero;
+FH_CPU_CLONES void pool_rows_nchw(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t rows,
+                                  int64_t pw) {
+  const int64_t in_w = 2 * pw;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* top = in + 2 * r * in_w;
+    const scalar_t* bottom = top + in_w;
+    scalar_t* o = out + r * pw;
+    for (int64_t j = 0; j < pw; ++j) o[j] = max4(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]);
   }
 }
 
-// Taps of `count` ≤ kChunk consecutive windows of an NCHW row pair (top, top + in_w), as four arrays.
-template <typename scalar_t>
-inline void deinterleave_taps(const scalar_t* top, int64_t in_w, int64_t count, scalar_t (&v)[4][kChunk]) {
-  const scalar_t* bottom = top + in_w;
-  for (int64_t j = 0; j < count; ++j) {
-    v[0][j] = top[2 * j];
-    v[1][j] = top[2 * j + 1];
-    v[2][j] = bottom[2 * j];
-    v[3][j] = bottom[2 * j + 1];
-  }
-}
-
-template <typename scalar_t>
-FH_CPU_CLONES void pool_rows_nchw(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t pw,
-                                  int64_t in_w) {
-  using acc_t = at::opmath_type<scalar_t>;
-  scalar_t v[4][kChunk];
-  for (int64_t j0 = 0; j0 < pw; j0 += kChunk) {
-    const int64_t count = std::min(kChunk, pw - j0);
-    deinterleave_taps(in + 2 * j0, in_w, count, v);
-    for (int64_t j = 0; j < count; ++j) {
-      const int k = argmax4<acc_t>(static_cast<acc_t>(v[0][j]), static_cast<acc_t>(v[1][j]),
-                                   static_cast<acc_t>(v[2][j]), static_cast<acc_t>(v[3][j]));
-      out[j0 + j] = select4(k, v[0][j], v[1][j], v[2][j], v[3][j]);
-    }
-  }
-}
-
+// Every element of dx is written once: the window's gradient at its argmax, zero at the other three taps.
 template <typename scalar_t>
 FH_CPU_CLONES void unpool_rows_nchw(const scalar_t* __restrict__ in, const scalar_t* __restrict__ grad,
-                                    scalar_t* __restrict__ dx_out, int64_t pw, int64_t in_w) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t zero(0);
-  scalar_t v[4][kChunk];
-  scalar_t d[4][kChunk];
-  for (int64_t j0 = 0; j0 < pw; j0 += kChunk) {
-    const int64_t count = std::min(kChunk, pw - j0);
-    deinterleave_taps(in + 2 * j0, in_w, count, v);
-    for (int64_t j = 0; j < count; ++j) {
-      const int best = argmax4<acc_t>(static_cast<acc_t>(v[0][j]), static_cast<acc_t>(v[1][j]),
-                                      static_cast<acc_t>(v[2][j]), static_cast<acc_t>(v[3][j]));
-      const scalar_t g = grad[j0 + j];
-      d[0][j] = best == 0 ? g : zero;
-      d[1][j] = best == 1 ? g : zero;
-      d[2][j] = best == 2 ? g : zero;
-      d[3][j] = best == 3 ? g : zero;
-    }
-    scalar_t* top = dx_out + 2 * j0;
-    scalar_t* bottom = top + in_w;
-    for (int64_t j = 0; j < count; ++j) {
-      top[2 * j] = d[0][j];
-      top[2 * j + 1] = d[1][j];
-      bottom[2 * j] = d[2][j];
-      bottom[2 * j + 1] = d[3][j];
+                                    scalar_t* __restrict__ dx_out, int64_t rows, int64_t pw) {
+  const int64_t in_w = 2 * pw;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* top = in + 2 * r * in_w;
+    const scalar_t* bottom = top + in_w;
+    const scalar_t* g = grad + r * pw;
+    scalar_t* d_top = dx_out + 2 * r * in_w;
+    scalar_t* d_bottom = d_top + in_w;
+    for (int64_t j = 0; j < pw; ++j) {
+      scalar_t d0, d1, d2, d3;
+      route_grad4(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1], g[j], d0, d1, d2, d3);
+      d_top[2 * j] = d0;
+      d_top[2 * j + 1] = d1;
+      d_bottom[2 * j] = d2;
+      d_bottom[2 * j + 1] = d3;
     }
   }
 }
 
-// Calls row(out_offset, in_offset) for each NCHW row pair or channels_last output pixel, in parallel.
-template <typename Item>
-void for_each_item(bool channels_last, int64_t n, int64_t c, int64_t in_h, int64_t in_w, const Item& item) {
-  const int64_t ph = in_h / 2, pw = in_w / 2;
-  if (channels_last) {
-    at::parallel_for(0, n * ph * pw, grain_for(4 * c), [&](int64_t begin, int64_t end) {
-      for (int64_t pix = begin; pix < end; ++pix) item(pix * c, pool2x2_origin_nhwc(pix * c, c, in_h, in_w));
-    });
-  } else {
-    at::parallel_for(0, n * c * ph, grain_for(2 * in_w), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) item(r * pw, pool2x2_origin_nchw(r * pw, in_h, in_w));
-    });
+template <typename scalar_t>
+FH_CPU_CLONES void pool_rows_nhwc(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t rows,
+                                  int64_t pw, int64_t c) {
+  const int64_t dy = 2 * pw * c;  // one input row of pixels
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t x = 0; x < pw; ++x) {
+      const scalar_t* top = in + 2 * r * dy + 2 * x * c;
+      const scalar_t* bottom = top + dy;
+      scalar_t* o = out + (r * pw + x) * c;
+      for (int64_t ch = 0; ch < c; ++ch) o[ch] = max4(top[ch], top[ch + c], bottom[ch], bottom[ch + c]);
+    }
   }
+}
+
+template <typename scalar_t>
+FH_CPU_CLONES void unpool_rows_nhwc(const scalar_t* __restrict__ in, const scalar_t* __restrict__ grad,
+                                    scalar_t* __restrict__ dx_out, int64_t rows, int64_t pw, int64_t c) {
+  const int64_t dy = 2 * pw * c;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t x = 0; x < pw; ++x) {
+      const scalar_t* top = in + 2 * r * dy + 2 * x * c;
+      const scalar_t* bottom = top + dy;
+      const scalar_t* g = grad + (r * pw + x) * c;
+      scalar_t* d_top = dx_out + 2 * r * dy + 2 * x * c;
+      scalar_t* d_bottom = d_top + dy;
+      for (int64_t ch = 0; ch < c; ++ch) {
+        scalar_t d0, d1, d2, d3;
+        route_grad4(top[ch], top[ch + c], bottom[ch], bottom[ch + c], g[ch], d0, d1, d2, d3);
+        d_top[ch] = d0;
+        d_top[ch + c] = d1;
+        d_bottom[ch] = d2;
+        d_bottom[ch + c] = d3;
+      }
+    }
+  }
+}
+
+// Calls rows(first_output_row, row_count) over the output rows, in parallel; `row_elems` is the number of
+// input elements behind one output row (two input rows).
+template <typename Rows>
+void for_each_row_run(int64_t out_rows, int64_t row_elems, const Rows& rows) {
+  at::parallel_for(0, out_rows, grain_for(row_elems),
+                   [&](int64_t begin, int64_t end) { rows(begin, end - begin); });
 }
 
 at::Tensor max_pool2x2_cpu(const at::Tensor& x_in) {
@@ -120,10 +108,16 @@ at::Tensor max_pool2x2_cpu(const at::Tensor& x_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2x2_cpu", [&] {
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-    for_each_item(cl, n, c, in_h, in_w, [&](int64_t q, int64_t w) {
-      cl ? pool_pixel_nhwc(in + w, o + q, c, in_w * c) : pool_rows_nchw(in + w, o + q, in_w / 2, in_w);
-    });
+    const int64_t pw = in_w / 2;
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      for_each_row_run(n * in_h / 2, 2 * in_w * c, [&](int64_t r, int64_t rows) {
+        pool_rows_nhwc(in + 2 * r * in_w * c, o + r * pw * c, rows, pw, c);
+      });
+    } else {
+      for_each_row_run(n * c * in_h / 2, 2 * in_w, [&](int64_t r, int64_t rows) {
+        pool_rows_nchw(in + 2 * r * in_w, o + r * pw, rows, pw);
+      });
+    }
   });
   return out;
 }
@@ -139,10 +133,16 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* d = dx_out.mutable_data_ptr<scalar_t>();
-    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-    for_each_item(cl, n, c, in_h, in_w, [&](int64_t q, int64_t w) {
-      cl ? unpool_pixel_nhwc(in + w, g + q, d + w, c, in_w * c) : unpool_rows_nchw(in + w, g + q, d + w, in_w / 2, in_w);
-    });
+    const int64_t pw = in_w / 2;
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      for_each_row_run(n * in_h / 2, 2 * in_w * c, [&](int64_t r, int64_t rows) {
+        unpool_rows_nhwc(in + 2 * r * in_w * c, g + r * pw * c, d + 2 * r * in_w * c, rows, pw, c);
+      });
+    } else {
+      for_each_row_run(n * c * in_h / 2, 2 * in_w, [&](int64_t r, int64_t rows) {
+        unpool_rows_nchw(in + 2 * r * in_w, g + r * pw, d + 2 * r * in_w, rows, pw);
+      });
+    }
   });
   return dx_out;
 }

@@ -45,10 +45,10 @@ __global__ void __launch_bounds__(kThreads) max_pool2x2_backward_kernel(const sc
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < numel; q += stride) {
     int64_t dx, dy;
     const int64_t w = window_of<kChannelsLast>(q, c, in_h, in_w, dx, dy);
-    const int k = window_argmax(x + w, dx, dy);
-    const scalar_t g = grad[q];
+    scalar_t d[4];
+    route_grad4(x[w], x[w + dx], x[w + dy], x[w + dy + dx], grad[q], d[0], d[1], d[2], d[3]);
 #pragma unroll
-    for (int t = 0; t < 4; ++t) dx_out[w + tap_offset(t, dx, dy)] = t == k ? g : scalar_t(0);
+    for (int t = 0; t < 4; ++t) dx_out[w + tap_offset(t, dx, dy)] = d[t];
   }
 }
 
