@@ -262,17 +262,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& u_
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Channels_last element-wise passes run after a full reduction pass over the same rows. Each thread walks its
-// share of rows from the end back to the start, in blocks of kBackRows: the rows it read last in the reduction
-// (the same shares, as both passes split [0, M) evenly) are the ones still in cache, so it starts there.
-constexpr int64_t kBackRows = 64;
-
-template <typename Block>
-void for_rows_backwards(int64_t m, int64_t grain, const Block& block) {
-  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r1 = end; r1 > begin; r1 -= kBackRows) block(std::max(begin, r1 - kBackRows), r1);
+// The element-wise passes of the composite ops run right after a reduction pass over the same data. Each
+// thread walks its share of the items (channels_last rows, NCHW planes) from the end back to the start, `block`
+// items at a time, each block in forward order: the data it read last in the reduction (the same shares where
+// both passes split the items evenly) is the most likely to be still in cache, so it starts there.
+template <typename Body>
+void for_each_backwards(int64_t count, int64_t grain, int64_t block, const Body& body) {
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i1 = end; i1 > begin; i1 -= block) body(std::max(begin, i1 - block), i1);
   });
 }
+
+// Channels_last rows per backwards block: 64 KiB of fp32 at C = 256.
+constexpr int64_t kBackRows = 64;
 
 // ---------------------------------------------------------------------------------------------------------
 // bn_relu_apply
@@ -363,11 +365,11 @@ void bn_relu_apply_impl(const at::Tensor& u, const Geometry& g, const at::Tensor
   const acc_t* sc = scale.const_data_ptr<acc_t>();
   const acc_t* sh = shift.const_data_ptr<acc_t>();
   if (g.channels_last) {
-    for_rows_backwards(g.m, grain_for(g.c), [&](int64_t begin, int64_t end) {
+    for_each_backwards(g.m, grain_for(g.c), kBackRows, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) apply_row(in + r * g.c, o + r * g.c, sc, sh, g.c);
     });
   } else {
-    at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
+    for_each_backwards(g.n * g.c, grain_for(g.hw), 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         apply_plane(in + plane * g.hw, o + plane * g.hw, sc[plane % g.c], sh[plane % g.c], g.hw);
       }
@@ -566,12 +568,12 @@ void bn_relu_backward_apply_impl(const at::Tensor& dr, const at::Tensor& u, cons
   const acc_t* cb = b_buf.data();
   const acc_t* mu = mean_buf.data();
   if (g.channels_last) {
-    for_rows_backwards(g.m, grain_for(2 * g.c), [&](int64_t begin, int64_t end) {
+    for_each_backwards(g.m, grain_for(2 * g.c), kBackRows, [&](int64_t begin, int64_t end) {
       const int64_t off = begin * g.c;
       grad_rows(dr_p + off, u_p + off, du_p + off, sc, sh, mu, ca, cb, training, g.c, end - begin);
     });
   } else {
-    at::parallel_for(0, g.n * g.c, grain_for(2 * g.hw), [&](int64_t begin, int64_t end) {
+    for_each_backwards(g.n * g.c, grain_for(2 * g.hw), 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t ch = plane % g.c;
         grad_plane(dr_p + plane * g.hw, u_p + plane * g.hw, du_p + plane * g.hw, sc[ch], sh[ch], mu[ch], ca[ch], cb[ch],
@@ -619,14 +621,11 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_in, const at::Tenso
 
 // ---------------------------------------------------------------------------------------------------------
 // bn_relu_forward and bn_relu_backward: the composite ops, each one call for what the autograd functions
-// would otherwise do in several: a reduction over u (and the gradient), then the element-wise pass. In NCHW a
-// channel's values are N contiguous planes, so both finish one channel before starting the next: its planes are
-// reduced and then, while they are still in this core's cache (N·H·W values of each input: 64 KiB at N = 4,
-// 64×64, fp32), normalised, so u (and the gradient) come from memory once instead of twice. In a training step
-// u, r, the gradient and du together outgrow the L3 cache, so that second read would otherwise be a DRAM read.
-// The reductions are those of the separate ops, so the results are bit for bit theirs. Channels_last
-// interleaves all channels in every row, so there the reduction completes before the element-wise pass starts,
-// and that pass walks the rows backwards (see for_rows_backwards).
+// would otherwise do in several: a reduction pass over u (and the gradient), the per-channel work, then the
+// element-wise pass, which walks its rows or planes backwards (for_each_backwards). Finishing one NCHW
+// channel at a time instead, so that its second pass reads from L2, measured slower on a 2-core EPYC, both with
+// the data in L3 and in a training step where it is not: each thread then hops between the N planes of a
+// channel, C·H·W values apart, instead of streaming through memory, and the hardware prefetchers lose.
 
 template <typename scalar_t>
 void bn_relu_forward_impl(const at::Tensor& u, const Geometry& g, const BnForwardArgs<at::opmath_type<scalar_t>>& a,
@@ -642,23 +641,6 @@ void bn_relu_forward_impl(const at::Tensor& u, const Geometry& g, const BnForwar
     // leaves the running statistics alone (BnForwardArgs::update_running).
     const acc_t nan = static_cast<acc_t>(NAN);
     for (int64_t ch = 0; ch < g.c; ++ch) bn_forward_channel(a, ch, nan, nan, nan, mu[ch], is[ch], sc[ch], sh[ch]);
-    return;
-  }
-  if (a.batch_stats && !g.channels_last) {
-    const scalar_t* in = u.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.c, grain_for(g.m), [&](int64_t begin, int64_t end) {
-      for (int64_t ch = begin; ch < end; ++ch) {
-        const acc_t pivot = welford_pivot(static_cast<acc_t>(in[ch * g.hw]));
-        acc_t batch_mean, batch_var, batch_invstd;
-        welford_finalize(welford_channel_nchw(in, g, ch, pivot), pivot, a.eps, batch_mean, batch_var, batch_invstd);
-        bn_forward_channel(a, ch, batch_mean, batch_var, batch_invstd, mu[ch], is[ch], sc[ch], sh[ch]);
-        for (int64_t n = 0; n < g.n; ++n) {
-          const int64_t off = (n * g.c + ch) * g.hw;
-          apply_plane(in + off, o + off, sc[ch], sh[ch], g.hw);
-        }
-      }
-    });
     return;
   }
   if (a.batch_stats) {
@@ -696,43 +678,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_f
   return {out, scale, shift, mean, invstd};
 }
 
-template <typename scalar_t>
-void bn_relu_backward_nchw(const at::Tensor& dr, const at::Tensor& u, const Geometry& g, const at::Tensor& scale,
-                           const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd,
-                           at::Tensor& du, at::Tensor& sum_dz, at::Tensor& sum_dz_xhat) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* dr_p = dr.const_data_ptr<scalar_t>();
-  const scalar_t* u_p = u.const_data_ptr<scalar_t>();
-  scalar_t* du_p = du.mutable_data_ptr<scalar_t>();
-  const acc_t* sc = scale.const_data_ptr<acc_t>();
-  const acc_t* sh = shift.const_data_ptr<acc_t>();
-  const acc_t* mu = mean.const_data_ptr<acc_t>();
-  const acc_t* is = invstd.const_data_ptr<acc_t>();
-  acc_t* s_dz = sum_dz.mutable_data_ptr<acc_t>();
-  acc_t* s_dzx = sum_dz_xhat.mutable_data_ptr<acc_t>();
-  const acc_t inv_m = acc_t(1) / static_cast<acc_t>(g.m);
-  at::parallel_for(0, g.c, grain_for(2 * g.m), [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) {
-      // As bn_relu_backward_reduce_impl: one partial per plane, summed in plane order.
-      acc_t a = acc_t(0), b = acc_t(0);
-      for (int64_t n = 0; n < g.n; ++n) {
-        const int64_t off = (n * g.c + ch) * g.hw;
-        const GradSums<acc_t> p = grad_sums_plane(dr_p + off, u_p + off, g.hw, sc[ch], sh[ch], mu[ch]);
-        a += p.dz;
-        b += p.dz_xc;
-      }
-      s_dz[ch] = a;
-      s_dzx[ch] = b * is[ch];
-      acc_t ka, kb;
-      bn_backward_coefs(s_dz[ch], s_dzx[ch], sc[ch], is[ch], inv_m, ka, kb);
-      for (int64_t n = 0; n < g.n; ++n) {
-        const int64_t off = (n * g.c + ch) * g.hw;
-        grad_plane(dr_p + off, u_p + off, du_p + off, sc[ch], sh[ch], mu[ch], ka, kb, true, g.hw);
-      }
-    }
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& u_in,
                                                                     const at::Tensor& scale_in,
                                                                     const at::Tensor& shift_in,
@@ -751,12 +696,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(const at::Te
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
   const Geometry g = geometry_of(u, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "bn_relu_backward_cpu", [&] {
-    if (g.channels_last) {
-      bn_relu_backward_reduce_impl<scalar_t>(dr, u, g, scale, shift, mean, invstd, sum_dz, sum_dz_xhat);
-      bn_relu_backward_apply_impl<scalar_t>(dr, u, g, scale, shift, &mean, &invstd, &sum_dz, &sum_dz_xhat, du);
-    } else {
-      bn_relu_backward_nchw<scalar_t>(dr, u, g, scale, shift, mean, invstd, du, sum_dz, sum_dz_xhat);
-    }
+    bn_relu_backward_reduce_impl<scalar_t>(dr, u, g, scale, shift, mean, invstd, sum_dz, sum_dz_xhat);
+    bn_relu_backward_apply_impl<scalar_t>(dr, u, g, scale, shift, &mean, &invstd, &sum_dz, &sum_dz_xhat, du);
   });
   return {du, sum_dz, sum_dz_xhat};
 }
