@@ -262,20 +262,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& u_
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The element-wise passes of the composite ops run right after a reduction pass over the same data. Each
-// thread walks its share of the items (channels_last rows, NCHW planes) from the end back to the start, `block`
-// items at a time, each block in forward order: the data it read last in the reduction (the same shares where
-// both passes split the items evenly) is the most likely to be still in cache, so it starts there.
-template <typename Body>
-void for_each_backwards(int64_t count, int64_t grain, int64_t block, const Body& body) {
-  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i1 = end; i1 > begin; i1 -= block) body(std::max(begin, i1 - block), i1);
-  });
-}
-
-// Channels_last rows per backwards block: 64 KiB of fp32 at C = 256.
-constexpr int64_t kBackRows = 64;
-
 // ---------------------------------------------------------------------------------------------------------
 // bn_relu_apply
 
@@ -297,8 +283,8 @@ FH_CPU_CLONES void apply_plane(const scalar_t* __restrict__ src, scalar_t* __res
   }
 }
 
-// Channels_last rows [0, rows) of the input gradient. In training, two rows per pass: the five per-channel
-// vectors are loaded once per two rows.
+// Channels_last rows [0, rows) of the input gradient, one row per pass. (Two rows per pass, loading the five
+// per-channel vectors once per two rows, ran out of registers and measured 1.5× slower.)
 template <typename scalar_t, typename acc_t>
 FH_CPU_CLONES void grad_rows(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
                              scalar_t* __restrict__ dst, const acc_t* __restrict__ sc, const acc_t* __restrict__ sh,
@@ -316,21 +302,6 @@ FH_CPU_CLONES void grad_rows(const scalar_t* __restrict__ gr, const scalar_t* __
     return;
   }
   int64_t r = 0;
-  for (; r + 2 <= rows; r += 2) {
-    const scalar_t* __restrict__ g0 = gr + r * c;
-    const scalar_t* __restrict__ g1 = g0 + c;
-    const scalar_t* __restrict__ x0 = src + r * c;
-    const scalar_t* __restrict__ x1 = x0 + c;
-    scalar_t* __restrict__ d0 = dst + r * c;
-    scalar_t* __restrict__ d1 = d0 + c;
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const acc_t s = sc[ch], b = sh[ch], m = mu[ch], ka = ca[ch], kb = cb[ch];
-      d0[ch] = static_cast<scalar_t>(
-          bn_relu_grad_train(static_cast<acc_t>(g0[ch]), static_cast<acc_t>(x0[ch]), s, b, m, ka, kb));
-      d1[ch] = static_cast<scalar_t>(
-          bn_relu_grad_train(static_cast<acc_t>(g1[ch]), static_cast<acc_t>(x1[ch]), s, b, m, ka, kb));
-    }
-  }
   for (; r < rows; ++r) {
     for (int64_t ch = 0; ch < c; ++ch) {
       const int64_t i = r * c + ch;
@@ -365,11 +336,11 @@ void bn_relu_apply_impl(const at::Tensor& u, const Geometry& g, const at::Tensor
   const acc_t* sc = scale.const_data_ptr<acc_t>();
   const acc_t* sh = shift.const_data_ptr<acc_t>();
   if (g.channels_last) {
-    for_each_backwards(g.m, grain_for(g.c), kBackRows, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.m, grain_for(g.c), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) apply_row(in + r * g.c, o + r * g.c, sc, sh, g.c);
     });
   } else {
-    for_each_backwards(g.n * g.c, grain_for(g.hw), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         apply_plane(in + plane * g.hw, o + plane * g.hw, sc[plane % g.c], sh[plane % g.c], g.hw);
       }
@@ -568,12 +539,12 @@ void bn_relu_backward_apply_impl(const at::Tensor& dr, const at::Tensor& u, cons
   const acc_t* cb = b_buf.data();
   const acc_t* mu = mean_buf.data();
   if (g.channels_last) {
-    for_each_backwards(g.m, grain_for(2 * g.c), kBackRows, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.m, grain_for(2 * g.c), [&](int64_t begin, int64_t end) {
       const int64_t off = begin * g.c;
       grad_rows(dr_p + off, u_p + off, du_p + off, sc, sh, mu, ca, cb, training, g.c, end - begin);
     });
   } else {
-    for_each_backwards(g.n * g.c, grain_for(2 * g.hw), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.n * g.c, grain_for(2 * g.hw), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t ch = plane % g.c;
         grad_plane(dr_p + plane * g.hw, u_p + plane * g.hw, du_p + plane * g.hw, sc[ch], sh[ch], mu[ch], ca[ch], cb[ch],
@@ -622,10 +593,11 @@ at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_in, const at::Tenso
 // ---------------------------------------------------------------------------------------------------------
 // bn_relu_forward and bn_relu_backward: the composite ops, each one call for what the autograd functions
 // would otherwise do in several: a reduction pass over u (and the gradient), the per-channel work, then the
-// element-wise pass, which walks its rows or planes backwards (for_each_backwards). Finishing one NCHW
-// channel at a time instead, so that its second pass reads from L2, measured slower on a 2-core EPYC, both with
-// the data in L3 and in a training step where it is not: each thread then hops between the N planes of a
-// channel, C·H·W values apart, instead of streaming through memory, and the hardware prefetchers lose.
+// element-wise pass. Both passes stream through memory in address order. Two alternatives measured slower on a
+// 2-core EPYC, with the data in L3 and in a training step where it is not: finishing one NCHW channel at a time
+// so that its second pass reads from L2 (each thread then hops between the N planes of a channel, C·H·W values
+// apart), and walking the second pass backwards to start on the data read last (up to 1.6× slower): both
+// defeat the hardware prefetchers.
 
 template <typename scalar_t>
 void bn_relu_forward_impl(const at::Tensor& u, const Geometry& g, const BnForwardArgs<at::opmath_type<scalar_t>>& a,
