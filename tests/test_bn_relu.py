@@ -543,6 +543,37 @@ def test_composite_ops_equal_the_ops_they_compose(dtype, channels_last, shape):
 
 
 @requires_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 7, 50, 47), (2, 2100, 3, 3), (1, 3, 1, 5)],
+                         ids=["planes-longer-than-a-chunk", "rows-longer-than-a-chunk", "tiny"])
+def test_streaming_stores_write_the_same_bits(monkeypatch, dtype, channels_last, shape):
+    """The element-wise passes write through non-temporal stores when their data exceed the last-level cache
+    (FH_NONTEMPORAL_STORES=1 forces it): the outputs are bit for bit those of ordinary stores, also where chunks
+    end mid-plane, a row is longer than a chunk, and planes start off 16-byte alignment."""
+    u = make_input(shape, dtype, channels_last, offset=0.5)
+    g = make_input(shape, dtype, channels_last, seed=3, offset=0.0)
+    c = shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+
+    def outputs():
+        rm, rv = torch.zeros(c), torch.ones(c)
+        r, scale, shift, mean, invstd = OPS.bn_relu_forward(u, w, b, rm, rv, True, 0.1, 1e-5)
+        du, sdz, sdzx = OPS.bn_relu_backward(g, u, scale, shift, mean, invstd)
+        return [r, du, sdz, sdzx, rm, rv, OPS.bn_relu_apply(u, scale, shift),
+                OPS.bn_relu_backward_apply(g, u, scale, shift, mean, invstd, sdz, sdzx),
+                OPS.bn_relu_backward_apply(g, u, scale, shift, None, None, None, None)]
+
+    monkeypatch.setenv("FH_NONTEMPORAL_STORES", "0")
+    cached = outputs()
+    monkeypatch.setenv("FH_NONTEMPORAL_STORES", "1")
+    streamed = outputs()
+    for a, s in zip(cached, streamed, strict=True):
+        assert torch.equal(a, s) and a.stride() == s.stride()
+    assert streamed[0].stride() == u.stride()
+
+
+@requires_extension
 def test_bn_relu_forward_updates_low_precision_running_statistics_in_place():
     """Running statistics of u's dtype (a module converted with .half()) are updated in the statistics dtype
     and written back into the caller's tensors."""

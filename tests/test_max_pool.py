@@ -145,6 +145,19 @@ def test_property_matches_max_pool2d(n, c, h, w, dtype, channels_last, ties, see
     assert_same(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "channels_last"), [((2, 3, 66, 70), False), ((1, 1100, 4, 2), True),
+                                                      ((3, 5, 6, 10), True), ((1, 1, 2, 2), False)],
+                         ids=["nchw-rows-across-chunks", "cl-row-longer-than-a-chunk", "cl-odd-c", "one-window"])
+def test_streaming_stores_match_max_pool2d(monkeypatch, dtype, shape, channels_last):
+    """The backward writes dx through non-temporal stores when its data exceed the last-level cache
+    (FH_NONTEMPORAL_STORES=1 forces it), with the same gradient as F.max_pool2d's."""
+    monkeypatch.setenv("FH_NONTEMPORAL_STORES", "1")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(-3, 4, shape, generator=gen).to(dtype)  # ties in many windows
+    assert_same(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+
 def test_empty_batch():
     assert_same(torch.empty(0, 3, 4, 4))
 

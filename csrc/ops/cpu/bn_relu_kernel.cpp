@@ -335,14 +335,28 @@ void bn_relu_apply_impl(const at::Tensor& u, const Geometry& g, const at::Tensor
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const acc_t* sc = scale.const_data_ptr<acc_t>();
   const acc_t* sh = shift.const_data_ptr<acc_t>();
+  const bool stream = stream_output(2 * u.nbytes());
   if (g.channels_last) {
+    const int64_t chunk_rows = stream ? stream_chunk_rows<scalar_t>(g.c) : g.m;
     at::parallel_for(0, g.m, grain_for(g.c), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) apply_row(in + r * g.c, o + r * g.c, sc, sh, g.c);
+      OutputWriter<scalar_t> w(stream, chunk_rows * g.c);
+      for (int64_t r0 = begin; r0 < end; r0 += chunk_rows) {
+        const int64_t r1 = std::min(end, r0 + chunk_rows);
+        scalar_t* t = w.target(o + r0 * g.c);
+        for (int64_t r = r0; r < r1; ++r) apply_row(in + r * g.c, t + (r - r0) * g.c, sc, sh, g.c);
+        w.commit(o + r0 * g.c, (r1 - r0) * g.c);
+      }
     });
   } else {
+    const int64_t chunk = stream ? stream_chunk<scalar_t>() : g.hw;
     at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
+      OutputWriter<scalar_t> w(stream, chunk);
       for (int64_t plane = begin; plane < end; ++plane) {
-        apply_plane(in + plane * g.hw, o + plane * g.hw, sc[plane % g.c], sh[plane % g.c], g.hw);
+        for (int64_t i0 = 0; i0 < g.hw; i0 += chunk) {
+          const int64_t len = std::min(chunk, g.hw - i0), off = plane * g.hw + i0;
+          apply_plane(in + off, w.target(o + off), sc[plane % g.c], sh[plane % g.c], len);
+          w.commit(o + off, len);
+        }
       }
     });
   }
@@ -538,17 +552,29 @@ void bn_relu_backward_apply_impl(const at::Tensor& dr, const at::Tensor& u, cons
   const acc_t* ca = a_buf.data();
   const acc_t* cb = b_buf.data();
   const acc_t* mu = mean_buf.data();
+  const bool stream = stream_output(3 * u.nbytes());
   if (g.channels_last) {
+    const int64_t chunk_rows = stream ? stream_chunk_rows<scalar_t>(g.c) : g.m;
     at::parallel_for(0, g.m, grain_for(2 * g.c), [&](int64_t begin, int64_t end) {
-      const int64_t off = begin * g.c;
-      grad_rows(dr_p + off, u_p + off, du_p + off, sc, sh, mu, ca, cb, training, g.c, end - begin);
+      OutputWriter<scalar_t> w(stream, chunk_rows * g.c);
+      for (int64_t r0 = begin; r0 < end; r0 += chunk_rows) {
+        const int64_t rows = std::min(end - r0, chunk_rows), off = r0 * g.c;
+        grad_rows(dr_p + off, u_p + off, w.target(du_p + off), sc, sh, mu, ca, cb, training, g.c, rows);
+        w.commit(du_p + off, rows * g.c);
+      }
     });
   } else {
+    const int64_t chunk = stream ? stream_chunk<scalar_t>() : g.hw;
     at::parallel_for(0, g.n * g.c, grain_for(2 * g.hw), [&](int64_t begin, int64_t end) {
+      OutputWriter<scalar_t> w(stream, chunk);
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t ch = plane % g.c;
-        grad_plane(dr_p + plane * g.hw, u_p + plane * g.hw, du_p + plane * g.hw, sc[ch], sh[ch], mu[ch], ca[ch], cb[ch],
-                   training, g.hw);
+        for (int64_t i0 = 0; i0 < g.hw; i0 += chunk) {
+          const int64_t len = std::min(chunk, g.hw - i0), off = plane * g.hw + i0;
+          grad_plane(dr_p + off, u_p + off, w.target(du_p + off), sc[ch], sh[ch], mu[ch], ca[ch], cb[ch], training,
+                     len);
+          w.commit(du_p + off, len);
+        }
       }
     });
   }

@@ -134,15 +134,24 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* d = dx_out.mutable_data_ptr<scalar_t>();
     const int64_t pw = in_w / 2;
-    if (fmt == at::MemoryFormat::ChannelsLast) {
-      for_each_row_run(n * in_h / 2, 2 * in_w * c, [&](int64_t r, int64_t rows) {
-        unpool_rows_nhwc(in + 2 * r * in_w * c, g + r * pw * c, d + 2 * r * in_w * c, rows, pw, c);
-      });
-    } else {
-      for_each_row_run(n * c * in_h / 2, 2 * in_w, [&](int64_t r, int64_t rows) {
-        unpool_rows_nchw(in + 2 * r * in_w, g + r * pw, d + 2 * r * in_w, rows, pw);
-      });
-    }
+    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+    // Input elements behind one output row (two input rows), and output rows per streamed chunk (at least one).
+    const int64_t row_elems = cl ? 2 * in_w * c : 2 * in_w;
+    const bool stream = stream_output(x.nbytes() * 9 / 4);
+    const int64_t chunk_rows = std::max<int64_t>(1, stream_chunk<scalar_t>() / row_elems);
+    at::parallel_for(0, (cl ? n : n * c) * in_h / 2, grain_for(row_elems), [&](int64_t begin, int64_t end) {
+      OutputWriter<scalar_t> w(stream, chunk_rows * row_elems);
+      for (int64_t r = begin; r < end; r += chunk_rows) {
+        const int64_t rows = stream ? std::min(chunk_rows, end - r) : end - r;
+        scalar_t* t = w.target(d + r * row_elems);
+        if (cl) {
+          unpool_rows_nhwc(in + r * row_elems, g + r * pw * c, t, rows, pw, c);
+        } else {
+          unpool_rows_nchw(in + r * row_elems, g + r * pw, t, rows, pw);
+        }
+        w.commit(d + r * row_elems, rows * row_elems);
+      }
+    });
   });
   return dx_out;
 }
