@@ -135,7 +135,7 @@ class StackedHourglass(reference.StackedHourglass):
         if self._backend != "auto":
             return self._backend
         if dtype is None:
-            dtype = next(self.parameters()).dtype
+            dtype = next(self.parameters(), torch.empty(0)).dtype
         if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_available():
             return "triton"
         fused = all(_ext.has_kernel(op, device.type) for op in _FUSED_OPS)

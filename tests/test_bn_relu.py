@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 
@@ -180,8 +181,8 @@ def test_functional_matches_reference_twin():
 
 def test_large_mean_channel_float32():
     """mean 1e4, std 1: Σx² − (Σx)²/M in float32 would lose every digit of the variance."""
-    u = make_input((4, 3, 32, 32), torch.float32, offset=1e4, scale=1.0)
-    for channels_last in (False, True):
+    for shape, channels_last in itertools.product([(4, 3, 32, 32), (2, 17, 16, 16)], (False, True)):
+        u = make_input(shape, torch.float32, offset=1e4, scale=1.0)
         x = u.contiguous(memory_format=torch.channels_last) if channels_last else u
         exact_var, exact_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
         if _ext.HAS_EXTENSION:
@@ -425,22 +426,24 @@ def test_opcheck_every_bn_op(dtype):
         for training in (True, False):
             for affine in (True, False):
                 w, b = (torch.rand(c, dtype=u.dtype) + 0.5, torch.randn(c, dtype=u.dtype)) if affine else (None, None)
-                for running in ((torch.randn(c), torch.rand(c) + 0.5), (None, None)):
+                stats = torch.float64 if u.dtype == torch.float64 else torch.float32
+                for running in ((torch.randn(c, dtype=stats), torch.rand(c, dtype=stats) + 0.5), (None, None)):
                     torch.library.opcheck(OPS.bn_relu_forward.default, (u, w, b, *running, training, 0.1, 1e-5))
 
 
 @requires_extension
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_ops_match_their_formulas_float64(channels_last):
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (3, 20, 5, 6)], ids=["few-channels", "many-channels"])
+def test_ops_match_their_formulas_float64(channels_last, shape):
     """Each op against DESIGN §2's formula, evaluated directly in float64."""
-    u = make_input((3, 4, 5, 6), torch.float64, channels_last)
-    g = make_input((3, 4, 5, 6), torch.float64, channels_last, seed=2, offset=0.0)
+    u = make_input(shape, torch.float64, channels_last)
+    g = make_input(shape, torch.float64, channels_last, seed=2, offset=0.0)
     mean, var, invstd = OPS.bn_stats(u, 1e-3)
     ev, em = torch.var_mean(u, dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(mean, em, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var, ev, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(invstd, (ev + 1e-3).rsqrt(), rtol=1e-12, atol=1e-12)
-    scale, shift = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    scale, shift = torch.rand(shape[1], dtype=torch.float64) + 0.5, torch.randn(shape[1], dtype=torch.float64)
     c = (slice(None), None, None)
     y = u * scale[c] + shift[c]
     torch.testing.assert_close(OPS.bn_relu_apply(u, scale, shift), y.relu(), rtol=1e-12, atol=1e-12)
@@ -449,7 +452,7 @@ def test_ops_match_their_formulas_float64(channels_last):
     sdz, sdzx = OPS.bn_relu_backward_reduce(g, u, scale, shift, mean, invstd)
     torch.testing.assert_close(sdz, dz.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sdzx, (dz * xhat).sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
-    m = 3 * 5 * 6
+    m = shape[0] * shape[2] * shape[3]
     du = OPS.bn_relu_backward_apply(g, u, scale, shift, mean, invstd, sdz, sdzx)
     expected = scale[c] / m * (m * dz - sdz[c] - xhat * sdzx[c])
     torch.testing.assert_close(du, expected, rtol=1e-10, atol=1e-12)
@@ -504,7 +507,7 @@ def test_property_ops_match_formulas(n, c, h, w, dtype, channels_last, seed):
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(4, 6, 8, 8), (3, 5, 7, 9), (0, 3, 4, 4)], ids=["even", "odd", "empty"])
 def test_composite_ops_equal_the_ops_they_compose(dtype, channels_last, shape):
@@ -515,9 +518,12 @@ def test_composite_ops_equal_the_ops_they_compose(dtype, channels_last, shape):
     c, m = shape[1], shape[0] * shape[2] * shape[3]
     sd = torch.float64 if dtype == torch.float64 else torch.float32
     w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
-    rm0, rv0 = torch.randn(c), torch.rand(c) + 0.5
+    rm0, rv0 = torch.randn(c, dtype=sd), torch.rand(c, dtype=sd) + 0.5
     rm, rv = rm0.clone(), rv0.clone()
     r, scale, shift, mean, invstd = OPS.bn_relu_forward(u, w, b, rm, rv, True, 0.2, 1e-3)
+    for v in (scale, shift, mean, invstd):
+        assert v.shape == (c,) and v.dtype == sd
+    assert r.shape == u.shape and r.dtype == u.dtype
     mean_s, var_s, invstd_s = OPS.bn_stats(u, 1e-3)
     assert torch.equal(mean, mean_s) or (m == 0 and mean.isnan().all() and mean_s.isnan().all())
     assert torch.equal(invstd, invstd_s) or m == 0
@@ -526,8 +532,8 @@ def test_composite_ops_equal_the_ops_they_compose(dtype, channels_last, shape):
     assert torch.equal(r, r_s) and r.stride() == r_s.stride() and r.dtype == u.dtype
     if m > 0:
         torch.testing.assert_close(shift, b.to(sd) - mean * scale, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(rm, (0.8 * rm0 + 0.2 * mean_s).float(), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(rv, (0.8 * rv0 + 0.2 * var_s * m / (m - 1)).float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rm, (0.8 * rm0 + 0.2 * mean_s), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rv, (0.8 * rv0 + 0.2 * var_s * m / (m - 1)), rtol=1e-6, atol=1e-6)
         du, sdz, sdzx = OPS.bn_relu_backward(g, u, scale, shift, mean, invstd)
         sdz_s, sdzx_s = OPS.bn_relu_backward_reduce(g, u, scale, shift, mean, invstd)
         assert torch.equal(sdz, sdz_s) and torch.equal(sdzx, sdzx_s)
@@ -554,10 +560,11 @@ def test_streaming_stores_write_the_same_bits(monkeypatch, dtype, channels_last,
     u = make_input(shape, dtype, channels_last, offset=0.5)
     g = make_input(shape, dtype, channels_last, seed=3, offset=0.0)
     c = shape[1]
-    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(c, dtype=sd) + 0.5, torch.randn(c, dtype=sd)
 
     def outputs():
-        rm, rv = torch.zeros(c), torch.ones(c)
+        rm, rv = torch.zeros(c, dtype=sd), torch.ones(c, dtype=sd)
         r, scale, shift, mean, invstd = OPS.bn_relu_forward(u, w, b, rm, rv, True, 0.1, 1e-5)
         du, sdz, sdzx = OPS.bn_relu_backward(g, u, scale, shift, mean, invstd)
         return [r, du, sdz, sdzx, rm, rv, OPS.bn_relu_apply(u, scale, shift),
@@ -571,6 +578,22 @@ def test_streaming_stores_write_the_same_bits(monkeypatch, dtype, channels_last,
     for a, s in zip(cached, streamed, strict=True):
         assert torch.equal(a, s) and a.stride() == s.stride()
     assert streamed[0].stride() == u.stride()
+
+
+@requires_extension
+def test_bn_relu_forward_updates_strided_running_statistics_in_place():
+    """Non-contiguous running statistics (views into a larger buffer) are updated through the caller's view; the
+    elements between them are left alone."""
+    u = make_input((4, 3, 5, 5))
+    rm_base, rv_base = torch.full((6,), 7.0), torch.full((6,), 7.0)
+    rm, rv = rm_base[::2], rv_base[1::2]
+    rm.zero_()
+    rv.fill_(1.0)
+    _, _, _, mean, _ = OPS.bn_relu_forward(u, None, None, rm, rv, True, 0.5, 1e-5)
+    torch.testing.assert_close(rm_base[::2], 0.5 * mean)
+    var = u.var(dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(rv_base[1::2], 0.5 + 0.5 * var)
+    assert torch.equal(rm_base[1::2], torch.full((3,), 7.0)) and torch.equal(rv_base[::2], torch.full((3,), 7.0))
 
 
 @requires_extension
@@ -588,10 +611,20 @@ def test_bn_relu_forward_updates_low_precision_running_statistics_in_place():
 
 
 @requires_extension
-def test_bn_stats_deterministic():
-    u = make_input((4, 7, 33, 31), channels_last=True)
-    a, b = OPS.bn_stats(u, 1e-5), OPS.bn_stats(u, 1e-5)
-    for x, y in zip(a, b, strict=True):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("c", [3, 20], ids=["few-channels", "many-channels"])
+def test_bn_stats_deterministic_across_thread_counts(channels_last, c):
+    """The partials depend on the shape only, and merge in index order: the same bits on 1 thread as on 2."""
+    u = make_input((4, c, 33, 31), channels_last=channels_last)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OPS.bn_stats(u, 1e-5)
+        torch.set_num_threads(2)
+        two = OPS.bn_stats(u, 1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(one, two, strict=True):
         assert torch.equal(x, y)
 
 
@@ -621,7 +654,12 @@ def test_error_single_value_per_channel_when_training():
     ({"bias": torch.ones(3, 1)}, ValueError,
      r"bn_relu: bias must be 1-D with 3 elements \(the channels of u\), got shape \[3, 1\]"),
     ({"weight": torch.ones(3, dtype=torch.float64)}, TypeError,
-     r"bn_relu: weight must be float32 or torch.float32 \(u's dtype\), got torch.float64"),
+     r"bn_relu: weight must be torch.float32 \(u's dtype\), got torch.float64"),
+    ({"u": torch.randn(2, 3, 4, 4, dtype=torch.float64), "weight": torch.ones(3, dtype=torch.float64),
+      "bias": torch.zeros(3, dtype=torch.float64), "running_mean": torch.zeros(3, dtype=torch.float64)},
+     TypeError, r"bn_relu: running_var must be torch.float64 \(u's dtype\), got torch.float32"),
+    ({"u": torch.randn(2, 3, 4, 4, dtype=torch.float16), "bias": torch.ones(3, dtype=torch.bfloat16)}, TypeError,
+     r"bn_relu: bias must be torch.float16 \(u's dtype\) or torch.float32, got torch.bfloat16"),
     ({"running_mean": torch.zeros(3, device="meta")}, ValueError,
      "bn_relu: running_mean and u must be on the same device, got running_mean on meta and u on cpu"),
     ({"running_var": None}, ValueError,
@@ -664,7 +702,9 @@ def op_error_cases():
         ("bn_relu_forward", (u, torch.ones(4), None, None, None, True, 0.1, 1e-5), ValueError,
          r"bn_relu_forward: weight must be 1-D with 3 elements \(the channels of u\), got shape \[4\]"),
         ("bn_relu_forward", (u, None, v.double(), None, None, True, 0.1, 1e-5), TypeError,
-         r"bn_relu_forward: bias must be float32 or torch.float32 \(u's dtype\), got torch.float64"),
+         r"bn_relu_forward: bias must be torch.float32 \(u's dtype\), got torch.float64"),
+        ("bn_relu_forward", (u.double(), None, None, v.double(), v, True, 0.1, 1e-5), TypeError,
+         r"bn_relu_forward: running_var must be torch.float64 \(u's dtype\), got torch.float32"),
         ("bn_relu_forward", (u, None, None, v, None, True, 0.1, 1e-5), ValueError,
          "bn_relu_forward: running_mean and running_var must be both given or both None, got running_mean a tensor"),
         ("bn_relu_forward", (torch.randn(1, 3, 1, 1), None, None, v, v.clone(), True, 0.1, 1e-5), ValueError,

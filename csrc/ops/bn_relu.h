@@ -212,16 +212,18 @@ inline void check_channel_vector(const at::Tensor& v, const at::Tensor& u, const
 
 inline void check_bn_stats(const at::Tensor& u) { check_4d_float(u, "bn_stats", "u"); }
 
-// weight, bias and the running statistics of bn_relu_forward: C-vectors of u's dtype or float32 (the usual
-// mixed-precision module), on u's device. Messages as fused_hourglass/ops/bn_relu.py's _check_parameter.
+// weight, bias and the running statistics of bn_relu_forward: C-vectors of u's dtype, or float32 for float16
+// and bfloat16 u (the usual mixed-precision module; F.batch_norm accepts no other mix), on u's device. Messages
+// as fused_hourglass/ops/bn_relu.py's _check_parameter.
 inline void check_bn_parameter(const std::optional<at::Tensor>& p, const at::Tensor& u, const char* name) {
   constexpr const char* op = "bn_relu_forward";
   if (!p.has_value()) return;
   TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == u.size(1), op, ": ", name, " must be 1-D with ", u.size(1),
                     " elements (the channels of u), got shape ", shape_str(*p));
-  TORCH_CHECK_TYPE(p->scalar_type() == u.scalar_type() || p->scalar_type() == at::kFloat, op, ": ", name,
-                   " must be float32 or ", dtype_str(u.scalar_type()), " (u's dtype), got ",
-                   dtype_str(p->scalar_type()));
+  const bool low_precision = u.scalar_type() == at::kHalf || u.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_TYPE(p->scalar_type() == u.scalar_type() || (low_precision && p->scalar_type() == at::kFloat), op,
+                   ": ", name, " must be ", dtype_str(u.scalar_type()), " (u's dtype)",
+                   low_precision ? " or torch.float32" : "", ", got ", dtype_str(p->scalar_type()));
   TORCH_CHECK_VALUE(p->device() == u.device(), op, ": ", name, " and u must be on the same device, got ", name, " on ",
                     p->device(), " and u on ", u.device());
 }

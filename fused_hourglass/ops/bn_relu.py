@@ -52,14 +52,16 @@ def _check_backward(op: str, grad: torch.Tensor, u: torch.Tensor, **vectors: tor
 
 
 def _check_parameter(p: object, u: torch.Tensor, name: str, op: str) -> None:
-    """weight, bias and the running statistics of `bn_relu`: a C-vector of u's dtype or float32 (the usual
-    mixed-precision module), on u's device."""
+    """weight, bias and the running statistics of `bn_relu`: a C-vector of u's dtype, or float32 for float16
+    and bfloat16 u (the usual mixed-precision module; F.batch_norm accepts no other mix), on u's device."""
     check_tensor(p, op, name)
     if p.dim() != 1 or p.shape[0] != u.shape[1]:
         raise ValueError(f"{op}: {name} must be 1-D with {u.shape[1]} elements (the channels of u), "
                          f"got shape {list(p.shape)}")
-    if p.dtype not in (u.dtype, torch.float32):
-        raise TypeError(f"{op}: {name} must be float32 or {u.dtype} (u's dtype), got {p.dtype}")
+    low_precision = u.dtype in (torch.float16, torch.bfloat16)
+    if p.dtype != u.dtype and not (low_precision and p.dtype == torch.float32):
+        raise TypeError(f"{op}: {name} must be {u.dtype} (u's dtype){' or torch.float32' if low_precision else ''}, "
+                        f"got {p.dtype}")
     if p.device != u.device:
         raise ValueError(f"{op}: {name} and u must be on the same device, got {name} on {p.device} and u on {u.device}")
 
@@ -137,7 +139,7 @@ def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
 
     Args:
         u: [N, C, H, W] float64, float32, float16 or bfloat16.
-        weight, bias: [C] (float32 or u's dtype), or None for no affine transform.
+        weight, bias: [C] of u's dtype (or float32 for float16/bfloat16 u), or None for no affine transform.
         running_mean, running_var: [C] buffers, or both None: then the batch statistics are used in both modes
             (nn.BatchNorm2d with track_running_stats=False).
         training: normalise with the batch statistics and update the running ones in place (running_var with

@@ -64,8 +64,8 @@ def bn_relu_conv2d(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     per-channel vectors for backward, not the activation r.
     """
     batch_stats = training or running_mean is None
-    _check_bn_relu(u, weight, bias, running_mean, running_var, batch_stats)
     op = "bn_relu_conv2d"
+    _check_bn_relu(u, weight, bias, running_mean, running_var, batch_stats, op)
     check_4d_float(conv_weight, op, "conv_weight")
     check_same_dtype_device(u, "u", conv_weight, "conv_weight", op)
     if conv_weight.shape[1] != u.shape[1]:

@@ -33,8 +33,8 @@ namespace {
 constexpr int64_t kLanes = 32;
 
 // Rows per channels_last statistics run: rows_sums adds four rows per step into one lane per channel, so each
-// lane sums 64 values, as a lane of the NCHW runs does, and the per-channel Chan merge (two divisions) is paid
-// once per 256 values rather than once per 64.
+// lane sums kRunRows values in 64 steps, as a lane of the NCHW runs takes kRun = 64 steps, and the per-channel
+// Chan merge (two divisions) is paid once per 256 values.
 constexpr int64_t kRunRows = 256;
 
 // Rows (pixels) per channels_last partial: at least a statistics run, and about 32 K values when the channels
@@ -200,6 +200,9 @@ void welford_rows(const scalar_t* __restrict__ u, int64_t c, int64_t r0, int64_t
   }
 }
 
+// NCHW tensors with fewer channels than this split each channel's statistics by plane, not by channel only.
+constexpr int64_t kFewChannels = 16;
+
 template <typename scalar_t>
 void bn_stats_impl(const at::Tensor& u, const Geometry& g, double eps, at::Tensor& mean, at::Tensor& var,
                    at::Tensor& invstd) {
@@ -214,13 +217,30 @@ void bn_stats_impl(const at::Tensor& u, const Geometry& g, double eps, at::Tenso
   acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
   acc_t* var_p = var.mutable_data_ptr<acc_t>();
   acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
-  if (!g.channels_last) {
+  if (!g.channels_last && (g.c >= kFewChannels || g.n == 1)) {
     at::parallel_for(0, g.c, grain_for(g.m), [&](int64_t begin, int64_t end) {
       for (int64_t ch = begin; ch < end; ++ch) {
         welford_finalize(welford_channel_nchw(data, g, ch, pivot[ch]), pivot[ch], static_cast<acc_t>(eps),
                          mean_p[ch], var_p[ch], invstd_p[ch]);
       }
     });
+    return;
+  }
+  if (!g.channels_last) {
+    // Few channels (an RGB input, say): one partial per plane, so that all threads have work, merged per
+    // channel in sample order.
+    std::vector<WelfordState<acc_t>> plane_state(g.n * g.c);
+    const Geometry one_plane{1, 1, g.hw, g.hw, false};
+    at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        plane_state[plane] = welford_channel_nchw(data + plane * g.hw, one_plane, 0, pivot[plane % g.c]);
+      }
+    });
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
+      for (int64_t n = 0; n < g.n; ++n) s = welford_merge(s, plane_state[n * g.c + ch]);
+      welford_finalize(s, pivot[ch], static_cast<acc_t>(eps), mean_p[ch], var_p[ch], invstd_p[ch]);
+    }
     return;
   }
   // partial[p·C + c]: the Welford state of channel c over channels_last row block p.

@@ -141,8 +141,8 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
     const int64_t chunk_rows = std::max<int64_t>(1, stream_chunk<scalar_t>() / row_elems);
     at::parallel_for(0, (cl ? n : n * c) * in_h / 2, grain_for(row_elems), [&](int64_t begin, int64_t end) {
       OutputWriter<scalar_t> w(stream, chunk_rows * row_elems);
-      for (int64_t r = begin; r < end; r += chunk_rows) {
-        const int64_t rows = stream ? std::min(chunk_rows, end - r) : end - r;
+      for (int64_t r = begin, rows = 0; r < end; r += rows) {
+        rows = stream ? std::min(chunk_rows, end - r) : end - r;
         scalar_t* t = w.target(d + r * row_elems);
         if (cl) {
           unpool_rows_nhwc(in + r * row_elems, g + r * pw * c, t, rows, pw, c);
