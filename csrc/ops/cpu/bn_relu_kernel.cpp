@@ -64,7 +64,7 @@ constexpr int64_t kRun = 64;
 // also the sum of the non-finite x (welford_nonfinite). The sums without it are the fast path: a run whose sums
 // come out non-finite is summed again with it, so inf and NaN reach the statistics as welford_nonfinite says.
 template <bool kNonfinite, typename scalar_t, typename acc_t>
-FH_CPU_CLONES void run_sums(const scalar_t* __restrict__ p, int64_t steps, acc_t pivot, acc_t& t1, acc_t& t2,
+FH_CPU_CLONES_WIDE void run_sums(const scalar_t* __restrict__ p, int64_t steps, acc_t pivot, acc_t& t1, acc_t& t2,
                             acc_t& tn) {
   acc_t s1[kLanes] = {}, s2[kLanes] = {}, nonfinite[kLanes] = {};
   for (int64_t k = 0; k < steps; ++k) {
@@ -145,7 +145,7 @@ WelfordState<acc_t> welford_channel_nchw(const scalar_t* __restrict__ data, cons
 // Per-channel Σx, Σx² (and with kNonfinite the non-finite sum) of channels_last rows [q0, q1), a lane per
 // channel. Four rows per pass: the per-channel sums are loaded and stored once per four rows, not every row.
 template <bool kNonfinite, typename scalar_t, typename acc_t>
-FH_CPU_CLONES void rows_sums(const scalar_t* __restrict__ u, int64_t c, int64_t q0, int64_t q1,
+FH_CPU_CLONES_WIDE void rows_sums(const scalar_t* __restrict__ u, int64_t c, int64_t q0, int64_t q1,
                              const acc_t* __restrict__ pivot, acc_t* __restrict__ s1, acc_t* __restrict__ s2,
                              acc_t* __restrict__ nonfinite) {
   for (int64_t ch = 0; ch < c; ++ch) s1[ch] = s2[ch] = nonfinite[ch] = acc_t(0);
@@ -286,9 +286,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& u_
 // bn_relu_apply
 
 // Element-wise loops of apply and backward apply, one channels_last row (per-channel vectors) or one NCHW
-// plane (per-plane scalars) per call, compiled for the baseline ISA and AVX2 (FH_CPU_CLONES).
+// plane (per-plane scalars) per call, compiled for the baseline ISA, AVX2 and AVX-512 (FH_CPU_CLONES_WIDE).
 template <typename scalar_t, typename acc_t>
-FH_CPU_CLONES void apply_row(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst,
+FH_CPU_CLONES_WIDE void apply_row(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst,
                              const acc_t* __restrict__ sc, const acc_t* __restrict__ sh, int64_t c) {
   for (int64_t ch = 0; ch < c; ++ch) {
     dst[ch] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[ch]), sc[ch], sh[ch])));
@@ -296,7 +296,7 @@ FH_CPU_CLONES void apply_row(const scalar_t* __restrict__ src, scalar_t* __restr
 }
 
 template <typename scalar_t, typename acc_t>
-FH_CPU_CLONES void apply_plane(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, acc_t s, acc_t b,
+FH_CPU_CLONES_WIDE void apply_plane(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, acc_t s, acc_t b,
                                int64_t len) {
   for (int64_t i = 0; i < len; ++i) {
     dst[i] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[i]), s, b)));
@@ -306,7 +306,7 @@ FH_CPU_CLONES void apply_plane(const scalar_t* __restrict__ src, scalar_t* __res
 // Channels_last rows [0, rows) of the input gradient, one row per pass. (Two rows per pass, loading the five
 // per-channel vectors once per two rows, ran out of registers and measured 1.5× slower.)
 template <typename scalar_t, typename acc_t>
-FH_CPU_CLONES void grad_rows(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
+FH_CPU_CLONES_WIDE void grad_rows(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
                              scalar_t* __restrict__ dst, const acc_t* __restrict__ sc, const acc_t* __restrict__ sh,
                              const acc_t* __restrict__ mu, const acc_t* __restrict__ ca, const acc_t* __restrict__ cb,
                              bool training, int64_t c, int64_t rows) {
@@ -332,7 +332,7 @@ FH_CPU_CLONES void grad_rows(const scalar_t* __restrict__ gr, const scalar_t* __
 }
 
 template <typename scalar_t, typename acc_t>
-FH_CPU_CLONES void grad_plane(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
+FH_CPU_CLONES_WIDE void grad_plane(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
                               scalar_t* __restrict__ dst, acc_t s, acc_t b, acc_t m, acc_t ka, acc_t kb, bool training,
                               int64_t len) {
   if (training) {
@@ -406,7 +406,7 @@ struct GradSums {
 };
 
 template <typename scalar_t, typename acc_t>
-FH_CPU_CLONES GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t len,
+FH_CPU_CLONES_WIDE GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t len,
                                 acc_t scale, acc_t shift, acc_t mean) {
   acc_t s_dz[kLanes] = {}, s_dzx[kLanes] = {};
   const int64_t steps = len / kLanes;
@@ -436,7 +436,7 @@ FH_CPU_CLONES GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ dr, c
 // Per-channel sums of channels_last rows [r0, r1), four rows per pass (the sums are loaded and stored once per
 // four rows).
 template <typename scalar_t, typename acc_t>
-FH_CPU_CLONES void grad_sums_rows(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t c,
+FH_CPU_CLONES_WIDE void grad_sums_rows(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t c,
                                   int64_t r0, int64_t r1, const acc_t* __restrict__ scale,
                                   const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
                                   GradSums<acc_t>* out) {

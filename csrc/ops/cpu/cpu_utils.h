@@ -15,10 +15,16 @@
 // target_clones adds an x86-64-v3 copy (AVX2 and FMA) picked at load time, so the build stays portable. The
 // CPU sources are compiled with -ffp-contract=fast, so in that copy a·b + c is one fused multiply-add, as in
 // the CUDA kernels (nvcc contracts by default); the results are deterministic for a given machine.
+//
+// FH_CPU_CLONES_WIDE adds an x86-64-v4 copy (AVX-512) as well, for the BN-ReLU loops: on a 2-core AMD EPYC
+// (Zen 4) it ran the channels_last statistics and gradient sums 1.2–1.6× faster and nothing slower. The
+// max-pool loops keep FH_CPU_CLONES: their stride-2 NCHW taps vectorised for AVX-512 ran 3–10× slower at 16 px.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define FH_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FH_CPU_CLONES_WIDE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FH_CPU_CLONES
+#define FH_CPU_CLONES_WIDE
 #endif
 
 namespace fused_hourglass {
