@@ -97,7 +97,7 @@ inline void stream_copy(void* dst, const void* src, size_t n) {
 // when the thread's share of the work is.
 //
 //   OutputWriter<float> w(stream, chunk);
-//   for (...) { fill(w.target(dst + i), n); w.commit(dst + i, n); }  // n ≤ w.chunk() when streaming
+//   for (...) { fill(w.target(dst + i), n); w.commit(dst + i, n); }  // n ≤ chunk when streaming
 template <typename scalar_t>
 class OutputWriter {
  public:
@@ -117,8 +117,9 @@ class OutputWriter {
 
   bool streaming() const { return stream_; }
   scalar_t* target(scalar_t* dst) { return stream_ ? buf_.data() : dst; }
-  void commit(scalar_t* dst, int64_t n) {
-    if (stream_) stream_copy(dst, buf_.data(), static_cast<size_t>(n) * sizeof(scalar_t));
+  // Copies n elements from the buffer (from element `from` on) to dst when streaming; nothing otherwise.
+  void commit(scalar_t* dst, int64_t n, int64_t from = 0) {
+    if (stream_) stream_copy(dst, buf_.data() + from, static_cast<size_t>(n) * sizeof(scalar_t));
   }
 
  private:

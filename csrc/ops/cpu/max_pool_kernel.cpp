@@ -67,25 +67,26 @@ FH_CPU_CLONES void pool_rows_nhwc(const scalar_t* __restrict__ in, scalar_t* __r
   }
 }
 
+// Output pixels [0, npix) of one output row: their windows' taps are at top/bottom + 2x·c and + (2x + 1)·c, and
+// their input-gradient taps at the same offsets from d_top/d_bottom (the two input rows of dx, or, when dx is
+// streamed, the two halves of a buffer).
 template <typename scalar_t>
-FH_CPU_CLONES void unpool_rows_nhwc(const scalar_t* __restrict__ in, const scalar_t* __restrict__ grad,
-                                    scalar_t* __restrict__ dx_out, int64_t rows, int64_t pw, int64_t c) {
-  const int64_t dy = 2 * pw * c;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t x = 0; x < pw; ++x) {
-      const scalar_t* top = in + 2 * r * dy + 2 * x * c;
-      const scalar_t* bottom = top + dy;
-      const scalar_t* g = grad + (r * pw + x) * c;
-      scalar_t* d_top = dx_out + 2 * r * dy + 2 * x * c;
-      scalar_t* d_bottom = d_top + dy;
-      for (int64_t ch = 0; ch < c; ++ch) {
-        scalar_t d0, d1, d2, d3;
-        route_grad4(top[ch], top[ch + c], bottom[ch], bottom[ch + c], g[ch], d0, d1, d2, d3);
-        d_top[ch] = d0;
-        d_top[ch + c] = d1;
-        d_bottom[ch] = d2;
-        d_bottom[ch + c] = d3;
-      }
+FH_CPU_CLONES void unpool_pixels_nhwc(const scalar_t* __restrict__ top, const scalar_t* __restrict__ bottom,
+                                      const scalar_t* __restrict__ grad, scalar_t* __restrict__ d_top,
+                                      scalar_t* __restrict__ d_bottom, int64_t npix, int64_t c) {
+  for (int64_t x = 0; x < npix; ++x) {
+    const scalar_t* t = top + 2 * x * c;
+    const scalar_t* b = bottom + 2 * x * c;
+    const scalar_t* g = grad + x * c;
+    scalar_t* dt = d_top + 2 * x * c;
+    scalar_t* db = d_bottom + 2 * x * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      scalar_t d0, d1, d2, d3;
+      route_grad4(t[ch], t[ch + c], b[ch], b[ch + c], g[ch], d0, d1, d2, d3);
+      dt[ch] = d0;
+      dt[ch + c] = d1;
+      db[ch] = d2;
+      db[ch + c] = d3;
     }
   }
 }
@@ -134,24 +135,38 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* d = dx_out.mutable_data_ptr<scalar_t>();
     const int64_t pw = in_w / 2;
-    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-    // Input elements behind one output row (two input rows), and output rows per streamed chunk (at least one).
-    const int64_t row_elems = cl ? 2 * in_w * c : 2 * in_w;
     const bool stream = stream_output(x.nbytes() * 9 / 4);
-    const int64_t chunk_rows = std::max<int64_t>(1, stream_chunk<scalar_t>() / row_elems);
-    at::parallel_for(0, (cl ? n : n * c) * in_h / 2, grain_for(row_elems), [&](int64_t begin, int64_t end) {
-      OutputWriter<scalar_t> w(stream, chunk_rows * row_elems);
-      for (int64_t r = begin, rows = 0; r < end; r += rows) {
-        rows = stream ? std::min(chunk_rows, end - r) : end - r;
-        scalar_t* t = w.target(d + r * row_elems);
-        if (cl) {
-          unpool_rows_nhwc(in + r * row_elems, g + r * pw * c, t, rows, pw, c);
-        } else {
-          unpool_rows_nchw(in + r * row_elems, g + r * pw, t, rows, pw);
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      // Output row r (of N·H/2) reads input rows 2r and 2r + 1, dy = W·C elements apart. Streamed, each chunk of
+      // a row's pixels puts its top taps in the first half of the buffer and its bottom taps in the second.
+      const int64_t dy = in_w * c;
+      const int64_t chunk_pix = stream ? std::max<int64_t>(1, stream_chunk<scalar_t>() / (4 * c)) : pw;
+      at::parallel_for(0, n * in_h / 2, grain_for(2 * dy), [&](int64_t begin, int64_t end) {
+        OutputWriter<scalar_t> w(stream, 4 * chunk_pix * c);
+        for (int64_t r = begin; r < end; ++r) {
+          for (int64_t x0 = 0; x0 < pw; x0 += chunk_pix) {
+            const int64_t npix = std::min(chunk_pix, pw - x0), half = 2 * npix * c, top = 2 * r * dy + 2 * x0 * c;
+            scalar_t* d_top = w.target(d + top);
+            scalar_t* d_bottom = w.streaming() ? d_top + half : d + top + dy;
+            unpool_pixels_nhwc(in + top, in + top + dy, g + (r * pw + x0) * c, d_top, d_bottom, npix, c);
+            w.commit(d + top, half);
+            w.commit(d + top + dy, half, half);
+          }
         }
-        w.commit(d + r * row_elems, rows * row_elems);
-      }
-    });
+      });
+    } else {
+      // Output row r (of N·C·H/2) reads the 2·W input elements from 2r·W on; chunks of whole output rows.
+      const int64_t row_elems = 2 * in_w, rows = n * c * in_h / 2;
+      const int64_t chunk_rows = stream ? std::max<int64_t>(1, stream_chunk<scalar_t>() / row_elems) : rows;
+      at::parallel_for(0, rows, grain_for(row_elems), [&](int64_t begin, int64_t end) {
+        OutputWriter<scalar_t> w(stream, chunk_rows * row_elems);
+        for (int64_t r = begin; r < end; r += chunk_rows) {
+          const int64_t count = std::min(chunk_rows, end - r);
+          unpool_rows_nchw(in + r * row_elems, g + r * pw, w.target(d + r * row_elems), count, pw);
+          w.commit(d + r * row_elems, count * row_elems);
+        }
+      });
+    }
   });
   return dx_out;
 }
