@@ -59,12 +59,4 @@ if _ext.HAS_EXTENSION:
         _check_max_pool2x2_backward(grad, x)
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_ext.memory_format_of(x))
 
-    def _max_pool2x2_setup(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[0])
-
-    def _max_pool2x2_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return torch.ops.fused_hourglass.max_pool2x2_backward.default(grad, x)
-
-    torch.library.register_autograd("fused_hourglass::max_pool2x2", _max_pool2x2_backward,
-                                    setup_context=_max_pool2x2_setup)
+    # Autograd: registered in C++ (csrc/ops/max_pool.cpp), saving x and calling max_pool2x2_backward.
