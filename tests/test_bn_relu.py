@@ -320,6 +320,61 @@ def test_property_matches_batchnorm_relu(n, c, h, w, dtype, channels_last, train
 # Autograd machinery
 
 
+@requires_extension
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(("has_weight", "has_bias"), [(True, True), (False, True), (True, False)],
+                         ids=["weight-bias", "bias-only", "weight-only"])
+def test_gradients_of_each_input_alone(training, has_weight, has_bias):
+    """The autograd kernel maps each gradient to its input whichever of weight and bias are given, computes only
+    what is asked for, and accumulates over repeated backwards of a retained graph, as F.batch_norm + relu."""
+    u = make_input((3, 5, 4, 6), torch.float64)
+    g = make_input((3, 5, 4, 6), torch.float64, seed=2, offset=0.0)
+    gen = torch.Generator().manual_seed(7)
+    w0 = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5 if has_weight else None
+    b0 = torch.randn(5, generator=gen, dtype=torch.float64) if has_bias else None
+    rm0, rv0 = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+
+    def leaves():
+        return [t.clone().requires_grad_() if t is not None else None for t in (u, w0, b0)]
+
+    def ref(x, w, b):
+        return F.relu(F.batch_norm(x, rm0.clone(), rv0.clone(), w, b, training, 0.1, 1e-5))
+
+    def ours(x, w, b):
+        return bn_relu(x, w, b, rm0.clone(), rv0.clone(), training)
+
+    for i in range(3):  # each of u, weight, bias alone
+        got_leaves, want_leaves = leaves(), leaves()
+        if got_leaves[i] is None:
+            continue
+        (got,) = torch.autograd.grad(ours(*got_leaves), got_leaves[i], g)
+        (want,) = torch.autograd.grad(ref(*want_leaves), want_leaves[i], g)
+        torch.testing.assert_close(got, want)
+    got_leaves, want_leaves = leaves(), leaves()
+    y, y_ref = ours(*got_leaves), ref(*want_leaves)
+    for out in (y, y_ref):
+        out.backward(g, retain_graph=True)
+        out.backward(g)
+    for got, want in zip(got_leaves, want_leaves, strict=True):
+        if got is not None:
+            torch.testing.assert_close(got.grad, want.grad)
+
+
+@requires_extension
+def test_double_backward_raises():
+    """Gradients taken with create_graph=True are right, and differentiating them again raises instead of
+    treating them as constants."""
+    u = make_input((2, 3, 4, 4), torch.float64).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64).add_(0.5).requires_grad_()
+    g = make_input((2, 3, 4, 4), torch.float64, seed=2, offset=0.0)
+    (du,) = torch.autograd.grad(bn_relu(u, w, None, None, None, True), u, g, create_graph=True)
+    (du_ref,) = torch.autograd.grad(F.relu(F.batch_norm(u, None, None, w, None, True)), u, g)
+    torch.testing.assert_close(du, du_ref)
+    assert du.requires_grad
+    with pytest.raises(RuntimeError, match="bn_relu: double backward is not supported"):
+        du.sum().backward()
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_float64(training):
     gen = torch.Generator().manual_seed(0)

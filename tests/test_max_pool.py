@@ -171,6 +171,18 @@ def test_gradcheck_float64():
 
 
 @requires_extension
+def test_double_backward_raises():
+    """A gradient taken with create_graph=True is right, and differentiating it again raises."""
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(max_pool2x2(x), x, g, create_graph=True)
+    (dx_ref,) = torch.autograd.grad(F.max_pool2d(x, 2, 2), x, g)
+    torch.testing.assert_close(dx, dx_ref, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="max_pool2x2: double backward is not supported"):
+        dx.sum().backward()
+
+
+@requires_extension
 def test_backward_saves_the_input_only():
     saved = []
     x = torch.randn(2, 3, 8, 8, requires_grad=True)

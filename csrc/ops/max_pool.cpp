@@ -8,6 +8,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/autograd_utils.h"
+
 namespace fused_hourglass {
 namespace {
 
@@ -37,7 +39,13 @@ class MaxPool2x2Function : public torch::autograd::Function<MaxPool2x2Function> 
                                                  torch::autograd::variable_list grads) {
     if (!grads[0].defined()) return {at::Tensor()};
     const at::Tensor x = ctx->get_saved_variables()[0];
-    return {max_pool2x2_backward_call(grads[0], x)};
+    const bool grad_mode = at::GradMode::is_enabled();
+    at::Tensor dx;
+    {
+      at::NoGradGuard no_grad;
+      dx = max_pool2x2_backward_call(grads[0], x);
+    }
+    return once_differentiable({dx}, "max_pool2x2", grad_mode, grads[0], x);
   }
 };
 

@@ -2,9 +2,10 @@
 
 Forward: one `bn_relu_forward` call computes the batch statistics in training (Welford partials merged with
 Chan's formula, fp32 even for fp16/bf16 u), updates the running statistics in place, forms the per-channel
-scale and shift, and writes r = relu(u·scale + shift). Backward recomputes r's mask from u instead of saving r:
-`bn_relu_backward` gives the input gradient and the per-channel sums Σdz and Σdz·x̂ (the bias and weight
-gradients) in one call. The parts are also ops of their own (`bn_stats`, `bn_relu_apply`,
+scale and shift, and writes r = relu(u·scale + shift). Its autograd kernel is C++ (csrc/ops/bn_relu.cpp), so a
+training step runs no Python beyond this wrapper's argument checks. Backward recomputes r's mask from u instead
+of saving r: `bn_relu_backward` gives the input gradient and the per-channel sums Σdz and Σdz·x̂ (the bias and
+weight gradients) in one call. The parts are also ops of their own (`bn_stats`, `bn_relu_apply`,
 `bn_relu_backward_reduce`, `bn_relu_backward_apply`), used where only some of the gradients are needed. Only u
 and per-channel vectors are saved, about half of what eager BatchNorm2d + ReLU keep (u and r).
 
@@ -83,30 +84,12 @@ def _check_bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {u.size()}")
 
 
-class _BnReLUFunction(torch.autograd.Function):
-    """r = relu(batch_norm(u)) through the `bn_relu_forward` op, which also updates the running statistics in
-    training. mean and invstd are constants to autograd: in training their dependence on u is in the closed-form
-    input gradient."""
-
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-                momentum: float, eps: float) -> torch.Tensor:
-        r, scale, shift, mean, invstd = torch.ops.fused_hourglass.bn_relu_forward.default(
-            u, weight, bias, running_mean, running_var, training, momentum, eps)
-        save_bn_context(ctx, u, weight, bias, scale, shift, mean, invstd, training or running_mean is None)
-        return r
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        du, grad_w, grad_b = bn_relu_backward(ctx, grad, *ctx.saved_tensors)
-        return du, grad_w, grad_b, None, None, None, None, None
-
-
 def save_bn_context(ctx, u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                     scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                     batch_stats: bool, *extra: torch.Tensor) -> None:
-    """What `bn_relu_backward` needs: u and the per-channel vectors (then `extra` tensors), and the flags."""
+    """What `bn_relu_backward` needs: u and the per-channel vectors (then `extra` tensors), and the flags. For
+    Python autograd functions built on `bn_relu_forward` (bn_relu_conv2d); `bn_relu` itself uses the C++
+    autograd kernel, which does the same."""
     ctx.save_for_backward(u, scale, shift, mean, invstd, *extra)
     ctx.batch_stats = batch_stats
     ctx.weight_dtype = None if weight is None else weight.dtype
@@ -153,7 +136,8 @@ def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     _check_bn_relu(u, weight, bias, running_mean, running_var, batch_stats)
     if not _ext.use_kernel("bn_relu_forward", u.device):
         return reference.bn_relu(u, weight, bias, running_mean, running_var, training, momentum, eps)
-    return _BnReLUFunction.apply(u, weight, bias, running_mean, running_var, training, momentum, eps)
+    return torch.ops.fused_hourglass.bn_relu_forward.default(u, weight, bias, running_mean, running_var, training,
+                                                             momentum, eps)[0]
 
 
 class BatchNormReLU2d(nn.BatchNorm2d):
