@@ -668,15 +668,24 @@ def test_bn_relu_forward_updates_low_precision_running_statistics_in_place():
 @requires_extension
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("c", [3, 20], ids=["few-channels", "many-channels"])
-def test_bn_stats_deterministic_across_thread_counts(channels_last, c):
-    """The partials depend on the shape only, and merge in index order: the same bits on 1 thread as on 2."""
-    u = make_input((4, c, 33, 31), channels_last=channels_last)
+@pytest.mark.parametrize("side", [(33, 31), (7, 9)], ids=["large-planes", "small-planes"])
+def test_reductions_deterministic_across_thread_counts(channels_last, c, side):
+    """The partials of the statistics and of the gradient sums depend on the shape only and merge in index
+    order: the same bits on 1 thread as on 2."""
+    u = make_input((64, c, *side), channels_last=channels_last)
+    g = make_input((64, c, *side), channels_last=channels_last, seed=3, offset=0.0)
+    scale, shift = torch.rand(c) + 0.5, torch.randn(c)
+
+    def reductions():
+        mean, var, invstd = OPS.bn_stats(u, 1e-5)
+        return (mean, var, invstd, *OPS.bn_relu_backward_reduce(g, u, scale, shift, mean, invstd))
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = OPS.bn_stats(u, 1e-5)
+        one = reductions()
         torch.set_num_threads(2)
-        two = OPS.bn_stats(u, 1e-5)
+        two = reductions()
     finally:
         torch.set_num_threads(threads)
     for x, y in zip(one, two, strict=True):

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -115,11 +116,30 @@ void contiguous_sums(const scalar_t* __restrict__ p, int64_t len, acc_t pivot, a
 // plain sums folded in with one Chan merge. A plane at least that long is split into runs; shorter planes (the
 // 4…32 px levels of the hourglass) are pooled until they fill a run, so the merge and the lanes' horizontal sums
 // are paid once per run rather than once per plane.
+// Planes shorter than this are gathered into runs before summing (welford_channel_nchw).
+constexpr int64_t kSmallPlane = 512;
+
 template <typename scalar_t, typename acc_t>
 WelfordState<acc_t> welford_channel_nchw(const scalar_t* __restrict__ data, const Geometry& g, int64_t ch,
                                          acc_t pivot) {
   constexpr int64_t kRunValues = kRun * kLanes;
   WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
+  if (g.hw < kSmallPlane) {
+    // Planes this small (8×8 px and below) are copied back to back into a run buffer and summed a run at a
+    // time: summed plane by plane, the lanes' set-up and horizontal sums would cost more than the values.
+    scalar_t buf[kRunValues];
+    const int64_t per_run = kRunValues / g.hw;
+    for (int64_t n0 = 0; n0 < g.n; n0 += per_run) {
+      const int64_t planes = std::min(per_run, g.n - n0);
+      for (int64_t k = 0; k < planes; ++k) {
+        std::memcpy(buf + k * g.hw, data + ((n0 + k) * g.c + ch) * g.hw, g.hw * sizeof(scalar_t));
+      }
+      acc_t t1, t2, tn;
+      contiguous_sums(buf, planes * g.hw, pivot, t1, t2, tn);
+      s = welford_merge(s, welford_from_sums(t1, t2, tn, planes * g.hw));
+    }
+    return s;
+  }
   acc_t c1 = 0, c2 = 0, cn = 0;
   int64_t count = 0;
   for (int64_t n = 0; n < g.n; ++n) {
@@ -488,7 +508,9 @@ void bn_relu_backward_reduce_impl(const at::Tensor& dr, const at::Tensor& u, con
   const acc_t* sc = scale.const_data_ptr<acc_t>();
   const acc_t* sh = shift.const_data_ptr<acc_t>();
   const acc_t* mu = mean.const_data_ptr<acc_t>();
-  const int64_t parts = g.partials();
+  // Small NCHW planes: one partial per channel, its planes gathered into runs (as welford_channel_nchw does).
+  const bool small_planes = !g.channels_last && g.hw < kSmallPlane;
+  const int64_t parts = small_planes ? 1 : g.partials();
   std::vector<GradSums<acc_t>> partial(parts * g.c);
   if (g.channels_last) {
     const int64_t rows = rows_per_block(g.c);
@@ -496,6 +518,29 @@ void bn_relu_backward_reduce_impl(const at::Tensor& dr, const at::Tensor& u, con
       for (int64_t p = begin; p < end; ++p) {
         grad_sums_rows(dr_p, u_p, g.c, p * rows, std::min(g.m, (p + 1) * rows), sc, sh, mu,
                        partial.data() + p * g.c);
+      }
+    });
+  } else if (small_planes) {
+    constexpr int64_t kRunValues = kRun * kLanes;
+    const int64_t per_run = kRunValues / g.hw;
+    at::parallel_for(0, g.c, grain_for(2 * g.m), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> buf(2 * kRunValues);
+      scalar_t* gb = buf.data();
+      scalar_t* ub = gb + kRunValues;
+      for (int64_t ch = begin; ch < end; ++ch) {
+        GradSums<acc_t> acc{acc_t(0), acc_t(0)};
+        for (int64_t n0 = 0; n0 < g.n; n0 += per_run) {
+          const int64_t planes = std::min(per_run, g.n - n0);
+          for (int64_t k = 0; k < planes; ++k) {
+            const int64_t off = ((n0 + k) * g.c + ch) * g.hw;
+            std::memcpy(gb + k * g.hw, dr_p + off, g.hw * sizeof(scalar_t));
+            std::memcpy(ub + k * g.hw, u_p + off, g.hw * sizeof(scalar_t));
+          }
+          const GradSums<acc_t> t = grad_sums_plane(gb, ub, planes * g.hw, sc[ch], sh[ch], mu[ch]);
+          acc.dz += t.dz;
+          acc.dz_xc += t.dz_xc;
+        }
+        partial[ch] = acc;
       }
     });
   } else {
