@@ -1,3 +1,6 @@
+import contextlib
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +76,29 @@ def test_matches_eager_bn_relu_conv(dtype, layout, k, training, shape):
                                                                          "conv.weight"),
                             (conv.bias.grad, conv_ref.bias.grad, "conv.bias")]:
         torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol * 10, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_inference_path_matches_the_autograd_path(training, layout):
+    """Without a graph to record (no_grad, or nothing requiring grad) the ops run without the autograd function:
+    the same output and the same running-statistics update, bit for bit."""
+    bn, conv = _modules(4, 6, 3, torch.float32)
+    u = _layout(torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(1)), layout)
+    bn_graph = copy.deepcopy(bn)
+    y_graph = _fused(bn_graph, conv, u, training)
+    assert y_graph.grad_fn is not None
+    for context in (torch.no_grad, contextlib.nullcontext):
+        bn_plain, conv_plain = copy.deepcopy(bn), copy.deepcopy(conv)
+        if context is contextlib.nullcontext:
+            for p in (*bn_plain.parameters(), *conv_plain.parameters()):
+                p.requires_grad_(False)
+        with context():
+            y = _fused(bn_plain, conv_plain, u, training)
+        assert y.grad_fn is None
+        assert torch.equal(y, y_graph.detach()) and y.stride() == y_graph.stride()
+        assert torch.equal(bn_plain.running_mean, bn_graph.running_mean)
+        assert torch.equal(bn_plain.running_var, bn_graph.running_var)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -74,5 +74,11 @@ def bn_relu_conv2d(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     if not _ext.use_kernel("bn_relu_forward", u.device):
         r = reference.bn_relu(u, weight, bias, running_mean, running_var, training, momentum, eps)
         return F.conv2d(r, conv_weight, conv_bias, padding=padding)
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (u, weight, bias, conv_weight, conv_bias)):
+        # No graph to record (inference): the ops directly, without the autograd function's per-call cost.
+        r = torch.ops.fused_hourglass.bn_relu_forward.default(u, weight, bias, running_mean, running_var, training,
+                                                              momentum, eps)[0]
+        return F.conv2d(r, conv_weight, conv_bias, padding=padding)
     return _BnReLUConvFunction.apply(u, weight, bias, running_mean, running_var, training, momentum, eps, conv_weight,
                                      conv_bias, padding)
