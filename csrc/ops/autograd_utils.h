@@ -10,8 +10,9 @@ namespace fused_hourglass {
 
 // Gradients computed with create_graph=True. The backward ops have no derivative of their own, so rather than
 // hand back gradients that autograd would silently treat as constants, each one gets a grad_fn that raises if
-// anything differentiates through it (as Python's @once_differentiable does). `depends_on` are the tensors the
-// gradients depend on; the gradients must have been computed with grad mode off.
+// anything differentiates through it (as Python's @once_differentiable does). `grad_mode` is the grad mode the
+// backward was called in (on under create_graph=True), a and b the tensors the gradients depend on (the
+// incoming gradient and the saved input); the gradients themselves must have been computed with grad mode off.
 inline torch::autograd::variable_list once_differentiable(torch::autograd::variable_list grads, const char* op,
                                                           bool grad_mode, const at::Tensor& a, const at::Tensor& b) {
   const bool differentiable = (a.defined() && a.requires_grad()) || (b.defined() && b.requires_grad());

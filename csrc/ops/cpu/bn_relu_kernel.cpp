@@ -66,7 +66,7 @@ constexpr int64_t kRun = 64;
 // come out non-finite is summed again with it, so inf and NaN reach the statistics as welford_nonfinite says.
 template <bool kNonfinite, typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void run_sums(const scalar_t* __restrict__ p, int64_t steps, acc_t pivot, acc_t& t1, acc_t& t2,
-                            acc_t& tn) {
+                                 acc_t& tn) {
   acc_t s1[kLanes] = {}, s2[kLanes] = {}, nonfinite[kLanes] = {};
   for (int64_t k = 0; k < steps; ++k) {
     const scalar_t* q = p + k * kLanes;
@@ -112,12 +112,14 @@ void contiguous_sums(const scalar_t* __restrict__ p, int64_t len, acc_t pivot, a
   }
 }
 
+// NCHW planes shorter than this are gathered into runs before summing (statistics and gradient sums).
+constexpr int64_t kSmallPlane = 512;
+
 // Welford state of channel ch of an NCHW tensor: its N planes in runs of up to kRun·kLanes values, each run's
 // plain sums folded in with one Chan merge. A plane at least that long is split into runs; shorter planes (the
-// 4…32 px levels of the hourglass) are pooled until they fill a run, so the merge and the lanes' horizontal sums
-// are paid once per run rather than once per plane.
-// Planes shorter than this are gathered into runs before summing (welford_channel_nchw).
-constexpr int64_t kSmallPlane = 512;
+// 4…32 px levels of the hourglass) are pooled until they fill a run, so the merge is paid once per run rather
+// than once per plane, and planes under kSmallPlane values are copied into the run first, so that the lanes'
+// set-up and horizontal sums are too.
 
 template <typename scalar_t, typename acc_t>
 WelfordState<acc_t> welford_channel_nchw(const scalar_t* __restrict__ data, const Geometry& g, int64_t ch,
@@ -166,8 +168,8 @@ WelfordState<acc_t> welford_channel_nchw(const scalar_t* __restrict__ data, cons
 // channel. Four rows per pass: the per-channel sums are loaded and stored once per four rows, not every row.
 template <bool kNonfinite, typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void rows_sums(const scalar_t* __restrict__ u, int64_t c, int64_t q0, int64_t q1,
-                             const acc_t* __restrict__ pivot, acc_t* __restrict__ s1, acc_t* __restrict__ s2,
-                             acc_t* __restrict__ nonfinite) {
+                                  const acc_t* __restrict__ pivot, acc_t* __restrict__ s1, acc_t* __restrict__ s2,
+                                  acc_t* __restrict__ nonfinite) {
   for (int64_t ch = 0; ch < c; ++ch) s1[ch] = s2[ch] = nonfinite[ch] = acc_t(0);
   int64_t r = q0;
   for (; r + 4 <= q1; r += 4) {
@@ -309,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& u_
 // plane (per-plane scalars) per call, compiled for the baseline ISA, AVX2 and AVX-512 (FH_CPU_CLONES_WIDE).
 template <typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void apply_row(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst,
-                             const acc_t* __restrict__ sc, const acc_t* __restrict__ sh, int64_t c) {
+                                  const acc_t* __restrict__ sc, const acc_t* __restrict__ sh, int64_t c) {
   for (int64_t ch = 0; ch < c; ++ch) {
     dst[ch] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[ch]), sc[ch], sh[ch])));
   }
@@ -317,7 +319,7 @@ FH_CPU_CLONES_WIDE void apply_row(const scalar_t* __restrict__ src, scalar_t* __
 
 template <typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void apply_plane(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, acc_t s, acc_t b,
-                               int64_t len) {
+                                    int64_t len) {
   for (int64_t i = 0; i < len; ++i) {
     dst[i] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[i]), s, b)));
   }
@@ -327,16 +329,18 @@ FH_CPU_CLONES_WIDE void apply_plane(const scalar_t* __restrict__ src, scalar_t* 
 // per-channel vectors once per two rows, ran out of registers and measured 1.5× slower.)
 template <typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void grad_rows(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
-                             scalar_t* __restrict__ dst, const acc_t* __restrict__ sc, const acc_t* __restrict__ sh,
-                             const acc_t* __restrict__ mu, const acc_t* __restrict__ ca, const acc_t* __restrict__ cb,
-                             bool training, int64_t c, int64_t rows) {
+                                  scalar_t* __restrict__ dst, const acc_t* __restrict__ sc,
+                                  const acc_t* __restrict__ sh, const acc_t* __restrict__ mu,
+                                  const acc_t* __restrict__ ca, const acc_t* __restrict__ cb, bool training, int64_t c,
+                                  int64_t rows) {
   if (!training) {
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* __restrict__ g = gr + r * c;
       const scalar_t* __restrict__ x = src + r * c;
       scalar_t* __restrict__ d = dst + r * c;
       for (int64_t ch = 0; ch < c; ++ch) {
-        d[ch] = static_cast<scalar_t>(bn_relu_grad_eval(static_cast<acc_t>(g[ch]), static_cast<acc_t>(x[ch]), sc[ch], sh[ch]));
+        d[ch] = static_cast<scalar_t>(
+            bn_relu_grad_eval(static_cast<acc_t>(g[ch]), static_cast<acc_t>(x[ch]), sc[ch], sh[ch]));
       }
     }
     return;
@@ -353,8 +357,8 @@ FH_CPU_CLONES_WIDE void grad_rows(const scalar_t* __restrict__ gr, const scalar_
 
 template <typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void grad_plane(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
-                              scalar_t* __restrict__ dst, acc_t s, acc_t b, acc_t m, acc_t ka, acc_t kb, bool training,
-                              int64_t len) {
+                                   scalar_t* __restrict__ dst, acc_t s, acc_t b, acc_t m, acc_t ka, acc_t kb,
+                                   bool training, int64_t len) {
   if (training) {
     for (int64_t i = 0; i < len; ++i) {
       dst[i] = static_cast<scalar_t>(
@@ -426,8 +430,8 @@ struct GradSums {
 };
 
 template <typename scalar_t, typename acc_t>
-FH_CPU_CLONES_WIDE GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t len,
-                                acc_t scale, acc_t shift, acc_t mean) {
+FH_CPU_CLONES_WIDE GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u,
+                                                   int64_t len, acc_t scale, acc_t shift, acc_t mean) {
   acc_t s_dz[kLanes] = {}, s_dzx[kLanes] = {};
   const int64_t steps = len / kLanes;
   for (int64_t k = 0; k < steps; ++k) {
@@ -457,9 +461,9 @@ FH_CPU_CLONES_WIDE GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ 
 // four rows).
 template <typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void grad_sums_rows(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t c,
-                                  int64_t r0, int64_t r1, const acc_t* __restrict__ scale,
-                                  const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
-                                  GradSums<acc_t>* out) {
+                                       int64_t r0, int64_t r1, const acc_t* __restrict__ scale,
+                                       const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
+                                       GradSums<acc_t>* out) {
   std::vector<acc_t> dz_buf(c, acc_t(0)), dzx_buf(c, acc_t(0));
   acc_t* __restrict__ s_dz = dz_buf.data();
   acc_t* __restrict__ s_dzx = dzx_buf.data();
@@ -710,7 +714,9 @@ void bn_relu_forward_impl(const at::Tensor& u, const Geometry& g, const BnForwar
     at::Tensor var = at::empty_like(mean);
     bn_stats_impl<scalar_t>(u, g, static_cast<double>(a.eps), mean, var, invstd);
     const acc_t* v = var.const_data_ptr<acc_t>();
-    for (int64_t ch = 0; ch < g.c; ++ch) bn_forward_channel(a, ch, mu[ch], v[ch], is[ch], mu[ch], is[ch], sc[ch], sh[ch]);
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      bn_forward_channel(a, ch, mu[ch], v[ch], is[ch], mu[ch], is[ch], sc[ch], sh[ch]);
+    }
   } else {
     for (int64_t ch = 0; ch < g.c; ++ch) {
       bn_forward_channel(a, ch, acc_t(0), acc_t(0), acc_t(0), mu[ch], is[ch], sc[ch], sh[ch]);
