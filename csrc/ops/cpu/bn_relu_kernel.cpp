@@ -112,8 +112,20 @@ void contiguous_sums(const scalar_t* __restrict__ p, int64_t len, acc_t pivot, a
   }
 }
 
+// Values per NCHW run: kRun steps of the kLanes lanes.
+constexpr int64_t kRunValues = kRun * kLanes;
+
 // NCHW planes shorter than this are gathered into runs before summing (statistics and gradient sums).
 constexpr int64_t kSmallPlane = 512;
+
+// Copies planes n0 … n0 + planes − 1 of NCHW channel ch (planes·H·W ≤ kRunValues values) back to back into buf.
+template <typename scalar_t>
+void gather_planes(scalar_t* __restrict__ buf, const scalar_t* __restrict__ data, const Geometry& g, int64_t ch,
+                   int64_t n0, int64_t planes) {
+  for (int64_t k = 0; k < planes; ++k) {
+    std::memcpy(buf + k * g.hw, data + ((n0 + k) * g.c + ch) * g.hw, g.hw * sizeof(scalar_t));
+  }
+}
 
 // Welford state of channel ch of an NCHW tensor: its N planes in runs of up to kRun·kLanes values, each run's
 // plain sums folded in with one Chan merge. A plane at least that long is split into runs; shorter planes (the
@@ -124,7 +136,6 @@ constexpr int64_t kSmallPlane = 512;
 template <typename scalar_t, typename acc_t>
 WelfordState<acc_t> welford_channel_nchw(const scalar_t* __restrict__ data, const Geometry& g, int64_t ch,
                                          acc_t pivot) {
-  constexpr int64_t kRunValues = kRun * kLanes;
   WelfordState<acc_t> s{acc_t(0), acc_t(0), acc_t(0), 0};
   if (g.hw < kSmallPlane) {
     // Planes this small (8×8 px and below) are copied back to back into a run buffer and summed a run at a
@@ -133,9 +144,7 @@ WelfordState<acc_t> welford_channel_nchw(const scalar_t* __restrict__ data, cons
     const int64_t per_run = kRunValues / g.hw;
     for (int64_t n0 = 0; n0 < g.n; n0 += per_run) {
       const int64_t planes = std::min(per_run, g.n - n0);
-      for (int64_t k = 0; k < planes; ++k) {
-        std::memcpy(buf + k * g.hw, data + ((n0 + k) * g.c + ch) * g.hw, g.hw * sizeof(scalar_t));
-      }
+      gather_planes(buf, data, g, ch, n0, planes);
       acc_t t1, t2, tn;
       contiguous_sums(buf, planes * g.hw, pivot, t1, t2, tn);
       s = welford_merge(s, welford_from_sums(t1, t2, tn, planes * g.hw));
@@ -525,7 +534,6 @@ void bn_relu_backward_reduce_impl(const at::Tensor& dr, const at::Tensor& u, con
       }
     });
   } else if (small_planes) {
-    constexpr int64_t kRunValues = kRun * kLanes;
     const int64_t per_run = kRunValues / g.hw;
     at::parallel_for(0, g.c, grain_for(2 * g.m), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buf(2 * kRunValues);
@@ -535,11 +543,8 @@ void bn_relu_backward_reduce_impl(const at::Tensor& dr, const at::Tensor& u, con
         GradSums<acc_t> acc{acc_t(0), acc_t(0)};
         for (int64_t n0 = 0; n0 < g.n; n0 += per_run) {
           const int64_t planes = std::min(per_run, g.n - n0);
-          for (int64_t k = 0; k < planes; ++k) {
-            const int64_t off = ((n0 + k) * g.c + ch) * g.hw;
-            std::memcpy(gb + k * g.hw, dr_p + off, g.hw * sizeof(scalar_t));
-            std::memcpy(ub + k * g.hw, u_p + off, g.hw * sizeof(scalar_t));
-          }
+          gather_planes(gb, dr_p, g, ch, n0, planes);
+          gather_planes(ub, u_p, g, ch, n0, planes);
           const GradSums<acc_t> t = grad_sums_plane(gb, ub, planes * g.hw, sc[ch], sh[ch], mu[ch]);
           acc.dz += t.dz;
           acc.dz_xc += t.dz_xc;
