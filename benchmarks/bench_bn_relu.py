@@ -1,11 +1,15 @@
 """CPU throughput of bn_relu (training) and max_pool2x2 against eager PyTorch, torch.compile of it, and a plain
 copy of the input (`u.clone()`, the memory-traffic yardstick: one read and one write of u).
 
-Each configuration's rows share a pytest-benchmark group. Default: N = 4, C ∈ {128, 256}, 16 and 64 px, both
-layouts; FH_BENCH_FULL=1 sweeps 8/16/32/64 px. The torch.compile rows only run when timing (--benchmark-only):
-compiling takes far longer than the smoke mode (--benchmark-disable) should.
+Each configuration's rows share a pytest-benchmark group, and the terminal summary gives every row as a ratio to
+the group's copy. Default: N = 4, C ∈ {128, 256}, 16 and 64 px, both layouts, warm and cold cache (see
+benchmarks/conftest.py: warm rows run back to back, cold rows start with their tensors in DRAM; at 64 px the warm
+copy runs largely from L3 while a training step's four tensors cannot). FH_BENCH_FULL=1 sweeps 8/16/32/64 px.
+The torch.compile rows only run when timing (--benchmark-only): compiling takes far longer than the smoke mode
+(--benchmark-disable) should.
 
     pytest benchmarks/bench_bn_relu.py --benchmark-only -k "C256-64px"
+    pytest benchmarks/bench_bn_relu.py --benchmark-only -k "cold and not compiled"
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ N = 4
 CHANNELS = (128, 256)
 SIDES = (8, 16, 32, 64) if os.environ.get("FH_BENCH_FULL") == "1" else (16, 64)
 LAYOUTS = ("nchw", "channels_last")
+CACHES = ("warm", "cold")
 
-config = pytest.mark.parametrize(("c", "side", "layout"), [
-    pytest.param(c, s, lay, id=f"C{c}-{s}px-{lay}") for c in CHANNELS for s in SIDES for lay in LAYOUTS])
+config = pytest.mark.parametrize(("c", "side", "layout", "cache"), [
+    pytest.param(c, s, lay, cache, id=f"C{c}-{s}px-{lay}-{cache}")
+    for c in CHANNELS for s in SIDES for lay in LAYOUTS for cache in CACHES])
 
 
 def make_u(c: int, side: int, layout: str, requires_grad: bool = False) -> torch.Tensor:
@@ -56,19 +62,19 @@ IMPLS = ("fused", "eager", "compiled", "clone")
 
 @config
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bn_relu_forward(benchmark, impl, c, side, layout):
-    benchmark.group = f"bn_relu training forward, C={c} {side}px {layout}"
+def test_bn_relu_forward(benchmark, timed, impl, c, side, layout, cache):
+    benchmark.group = f"bn_relu training forward, C={c} {side}px {layout}, {cache} cache"
     fn = bn_relu_impl(impl, c, benchmark)
     u = make_u(c, side, layout)
     fn(u)  # warm-up (and compilation)
-    out = benchmark(fn, u)
+    out = timed(lambda: fn(u), cache)
     assert out.shape == u.shape
 
 
 @config
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bn_relu_forward_backward(benchmark, impl, c, side, layout):
-    benchmark.group = f"bn_relu training forward+backward, C={c} {side}px {layout}"
+def test_bn_relu_forward_backward(benchmark, timed, impl, c, side, layout, cache):
+    benchmark.group = f"bn_relu training forward+backward, C={c} {side}px {layout}, {cache} cache"
     fn = bn_relu_impl(impl, c, benchmark)
     u = make_u(c, side, layout, requires_grad=impl != "clone")
     grad = torch.randn_like(u)
@@ -82,14 +88,14 @@ def test_bn_relu_forward_backward(benchmark, impl, c, side, layout):
         return y
 
     step()
-    out = benchmark(step)
+    out = timed(step, cache)
     assert out.shape == u.shape
 
 
 @config
 @pytest.mark.parametrize("impl", ("fused", "eager", "clone"))
-def test_max_pool_forward_backward(benchmark, impl, c, side, layout):
-    benchmark.group = f"max_pool2x2 forward+backward, C={c} {side}px {layout}"
+def test_max_pool_forward_backward(benchmark, timed, impl, c, side, layout, cache):
+    benchmark.group = f"max_pool2x2 forward+backward, C={c} {side}px {layout}, {cache} cache"
     x = make_u(c, side, layout, requires_grad=impl != "clone")
     pool = max_pool2x2 if impl == "fused" else (lambda t: F.max_pool2d(t, 2, 2))
     grad = torch.randn(N, c, side // 2, side // 2)
@@ -105,5 +111,5 @@ def test_max_pool_forward_backward(benchmark, impl, c, side, layout):
         return x.grad
 
     step()
-    out = benchmark(step)
+    out = timed(step, cache)
     assert out.shape == x.shape
