@@ -231,13 +231,17 @@ def test_empty_batch_matches_batch_norm(training):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_nonfinite_inputs_propagate_like_reference(bad, training, channels_last):
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (3, 3, 23, 17)], ids=["one-run", "runs-and-tail"])
+def test_nonfinite_inputs_propagate_like_reference(bad, training, channels_last, shape):
+    """(3, 3, 23, 17) has 1173 pixels: channels_last statistics sum them in runs of 256 rows, eight segments per
+    run and a tail of leftover rows; the bad values sit in a middle run and in the last (tail) row."""
     ref, fused = make_modules(3)
     ref.train(training)
     fused.train(training)
-    u = make_input((2, 3, 4, 4))
+    u = make_input(shape)
     u[1, 1, 2, 3] = bad  # one bad value in channel 1; in training it poisons that channel's statistics only
     u[0, 2, 0, 0] = bad  # the first value of channel 2
+    u[-1, 1, -1, -1] = bad
     u = u.contiguous(memory_format=torch.channels_last) if channels_last else u
     g = torch.ones_like(u)
     y_f, _ = assert_modules_match(ref, fused, u, g, torch.float32)
