@@ -7,12 +7,16 @@ cache (a 16 MiB clone's source and destination together just fit a 32 MiB L3), w
 tensors, four times larger, cannot, so only rows of the same cache state are comparable.
 
 Ratios: every group with a yardstick row (`impl` "clone" or "copy") gets a line in the terminal summary giving each
-row's min time divided by the yardstick's min time. Ratios are what compare across machines and runs.
+row's min time divided by the yardstick's min time. Ratios are what compare across machines and runs. The memory
+system of a shared machine drifts between rows (a cold 16 MiB copy has measured anywhere from 580 to 900 µs
+in one session), so cold rows also time the yardstick itself in every round, between evictions, and report the
+ratio of the two medians taken in the same window ("paired"); that ratio is the steadier one.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -20,7 +24,8 @@ import pytest
 import torch
 
 YARDSTICKS = ("clone", "copy")
-_results: list[tuple[str, str, float, bool]] = []  # (group, row, min seconds, is the yardstick)
+# (group, row, min seconds, is the yardstick, median ratio to the paired yardstick or None)
+_results: list[tuple[str, str, float, bool, float | None]] = []
 _evict_buffer: torch.Tensor | None = None
 
 
@@ -43,25 +48,44 @@ def evict_caches() -> None:
     _evict_buffer.add_(1.0)
 
 
-def run_benchmark(benchmark, fn: Callable, cache: str, target_seconds: float = 1.0):
+def run_benchmark(benchmark, fn: Callable, cache: str, yardstick: Callable | None = None,
+                  target_seconds: float = 1.0):
     """Time fn() with pytest-benchmark; cache "warm" calls it back to back, "cold" evicts the caches before each
-    call (outside the timed region), with enough rounds for about target_seconds of calls."""
+    call (outside the timed region), with enough rounds for about target_seconds of calls. With a cold cache and
+    a yardstick, every round also times one yardstick call from cold caches, and extra_info gets the ratio of
+    fn's median to the yardstick's ("ratio_to_paired_copy")."""
     if cache == "warm":
         return benchmark(fn)
     if cache != "cold":
         raise ValueError(f"cache must be 'warm' or 'cold', got {cache!r}")
+    if benchmark.disabled:  # smoke run: one call, nothing timed
+        return benchmark.pedantic(fn)
     evict_caches()
     start = time.perf_counter()
     fn()
     once = time.perf_counter() - start
     rounds = max(10, min(200, int(target_seconds / max(once, 1e-6))))
-    return benchmark.pedantic(fn, setup=evict_caches, rounds=rounds, warmup_rounds=1, iterations=1)
+    yardstick_times: list[float] = []
+
+    def setup():
+        if yardstick is not None:
+            evict_caches()
+            t0 = time.perf_counter()
+            yardstick()
+            yardstick_times.append(time.perf_counter() - t0)
+        evict_caches()
+
+    result = benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
+    if yardstick_times:
+        ratio = benchmark.stats.stats.median / statistics.median(yardstick_times)
+        benchmark.extra_info["ratio_to_paired_copy"] = round(ratio, 3)
+    return result
 
 
 @pytest.fixture
 def timed(benchmark):
-    """timed(fn, cache): run_benchmark bound to this test's benchmark fixture."""
-    return lambda fn, cache: run_benchmark(benchmark, fn, cache)
+    """timed(fn, cache, yardstick=None): run_benchmark bound to this test's benchmark fixture."""
+    return lambda fn, cache, yardstick=None: run_benchmark(benchmark, fn, cache, yardstick)
 
 
 @pytest.fixture(autouse=True)
@@ -72,20 +96,24 @@ def _record_for_ratios(request):
         return
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     impl = params.get("impl", request.node.name)
-    _results.append((bench.group, str(impl), bench.stats.stats.min, impl in YARDSTICKS))
+    _results.append((bench.group, str(impl), bench.stats.stats.min, impl in YARDSTICKS,
+                     bench.extra_info.get("ratio_to_paired_copy")))
 
 
 def pytest_terminal_summary(terminalreporter):
-    groups: dict[str, list[tuple[str, float, bool]]] = {}
-    for group, row, seconds, is_yardstick in _results:
-        groups.setdefault(group, []).append((row, seconds, is_yardstick))
+    groups: dict[str, list[tuple[str, float, bool, float | None]]] = {}
+    for group, row, seconds, is_yardstick, paired in _results:
+        groups.setdefault(group, []).append((row, seconds, is_yardstick, paired))
     lines = []
     for group, rows in groups.items():
-        base = [seconds for _, seconds, is_yardstick in rows if is_yardstick]
+        base = [(seconds, paired) for _, seconds, is_yardstick, paired in rows if is_yardstick]
         if not base or len(rows) < 2:
             continue
-        cells = ", ".join(f"{row} {seconds / base[0]:.2f}x" for row, seconds, is_yardstick in rows if not is_yardstick)
-        lines.append(f"{group}: {cells}  (copy min {base[0] * 1e6:.0f} us)")
+        cells = ", ".join(f"{row} {seconds / base[0][0]:.2f}x" + (f" (paired {paired:.2f}x)" if paired else "")
+                          for row, seconds, is_yardstick, paired in rows if not is_yardstick)
+        # The copy's own paired ratio (its median over its paired twin's) shows how steady the machine was.
+        own = f", paired with itself {base[0][1]:.2f}x" if base[0][1] else ""
+        lines.append(f"{group}: {cells}  (copy min {base[0][0] * 1e6:.0f} us{own})")
     if lines:
         terminalreporter.write_sep("-", "min time / min time of the group's copy")
         for line in lines:
