@@ -8,9 +8,9 @@ tensors, four times larger, cannot, so only rows of the same cache state are com
 
 Ratios: every group with a yardstick row (`impl` "clone" or "copy") gets a line in the terminal summary giving each
 row's min time divided by the yardstick's min time. Ratios are what compare across machines and runs. The memory
-system of a shared machine drifts between rows (a cold 16 MiB copy has measured anywhere from 580 to 900 µs
-in one session), so cold rows also time the yardstick itself in every round, between evictions, and report the
-ratio of the two medians taken in the same window ("paired"); that ratio is the steadier one.
+system of a shared machine drifts between rows (a cold 16 MiB copy has measured anywhere from 580 to 900 µs in
+one session). So cold rows also time, in every round and between evictions, a copy of the same bytes into a
+tensor allocated once (no allocator in the way), and report the ratio of the two medians ("paired").
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def pytest_terminal_summary(terminalreporter):
             continue
         cells = ", ".join(f"{row} {seconds / base[0][0]:.2f}x" + (f" (paired {paired:.2f}x)" if paired else "")
                           for row, seconds, is_yardstick, paired in rows if not is_yardstick)
-        # The copy's own paired ratio (its median over its paired twin's) shows how steady the machine was.
-        own = f", paired with itself {base[0][1]:.2f}x" if base[0][1] else ""
+        # The clone row's own paired ratio: clone (which allocates its output) over a copy into a ready tensor.
+        own = f", clone / paired copy {base[0][1]:.2f}x" if base[0][1] else ""
         lines.append(f"{group}: {cells}  (copy min {base[0][0] * 1e6:.0f} us{own})")
     if lines:
         terminalreporter.write_sep("-", "min time / min time of the group's copy")
