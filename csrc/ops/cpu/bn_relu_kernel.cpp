@@ -179,9 +179,10 @@ WelfordState<acc_t> welford_channel_nchw(const scalar_t* __restrict__ data, cons
 // at C = 256) read each page in four interleaved pieces, a pattern the hardware prefetchers follow badly: from
 // DRAM those reductions took 1.4-1.6x the time of the NCHW ones over the same bytes; with eight segments they
 // take about the same.
-constexpr int64_t kSegments = 8;  // tree8 below adds exactly this many
+constexpr int64_t kSegments = 8;
 
-// The sum of eight values as a balanced tree (three dependent additions instead of seven).
+// The sum of kSegments values as a balanced tree (three dependent additions instead of seven).
+static_assert(kSegments == 8, "tree8 adds one value per segment");
 template <typename acc_t>
 inline acc_t tree8(acc_t a0, acc_t a1, acc_t a2, acc_t a3, acc_t a4, acc_t a5, acc_t a6, acc_t a7) {
   return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
