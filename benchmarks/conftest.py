@@ -11,12 +11,21 @@ row's min time divided by the yardstick's min time. Ratios are what compare acro
 system of a shared machine drifts between rows (a cold 16 MiB copy has measured anywhere from 580 to 900 µs in
 one session). So cold rows also time, in every round and between evictions, a copy of the same bytes into a
 tensor allocated once (no allocator in the way), and report the ratio of the two medians ("paired").
+
+Allocator: glibc returns freed multi-megabyte blocks to the kernel and faults their pages in again on the next
+allocation, in some rounds and not others, which moved a 16 MiB clone between 1x and 6.6x a copy into a ready
+tensor within one run. The benchmark session therefore keeps freed memory in the heap (mallopt: mmap threshold
+32 MiB, the most glibc allows, and trim threshold 1 GiB), as the README suggests for training; every row runs
+under the same setting. FH_BENCH_GLIBC_DEFAULTS=1 keeps glibc's defaults.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,6 +36,28 @@ YARDSTICKS = ("clone", "copy")
 # (group, row, min seconds, is the yardstick, median ratio to the paired yardstick or None)
 _results: list[tuple[str, str, float, bool, float | None]] = []
 _evict_buffer: torch.Tensor | None = None
+
+
+def _keep_freed_memory_mapped() -> str:
+    """Set glibc's mmap and trim thresholds (see the module docstring); returns what was done, for the header."""
+    if os.environ.get("FH_BENCH_GLIBC_DEFAULTS") == "1":
+        return "glibc malloc defaults (FH_BENCH_GLIBC_DEFAULTS=1)"
+    if not sys.platform.startswith("linux"):
+        return "platform allocator defaults"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc malloc: mmap threshold 32 MiB, trim threshold 1 GiB" if ok else "malloc defaults (mallopt failed)"
+
+
+_ALLOCATOR = _keep_freed_memory_mapped()
+
+
+def pytest_report_header(config):
+    return f"fused_hourglass benchmarks: {_ALLOCATOR}"
 
 
 def _last_level_cache_bytes() -> int:
