@@ -46,9 +46,11 @@ def assert_same(x: torch.Tensor, grad: torch.Tensor | None = None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 17, 2, 2), (3, 1, 10, 4)],
-                         ids=["rect", "C-odd-2x2", "C=1"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 17, 2, 2), (3, 1, 10, 4), (3, 20, 38, 12), (2, 512, 14, 32)],
+                         ids=["rect", "C-odd-2x2", "C=1", "57-rows", "7-rows-per-thread"])
 def test_random_matches_max_pool2d(dtype, channels_last, shape):
+    """The channels_last forward pairs the first and second half of each thread's output rows: 57 rows are one
+    thread's (an odd count), and at 2 threads (2, 512, 14, 32) gives each thread 7."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     assert_same(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
