@@ -340,31 +340,32 @@ void bn_stats_impl(const at::Tensor& u, const Geometry& g, double eps, at::Tenso
     return;
   }
   const int64_t rows = rows_per_block(g.c);
-    // Partial p: the Welford states of all channels over channels_last row block p, as channel arrays.
-    std::vector<acc_t> part(3 * parts * g.c);
-    std::vector<int64_t> part_count(parts);
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        WelfordRows<acc_t> st{part.data() + p * g.c, part.data() + (parts + p) * g.c,
-                              part.data() + (2 * parts + p) * g.c, 0};
-        welford_rows(data, g.c, p * rows, std::min(g.m, (p + 1) * rows), pivot.data(), st);
-        part_count[p] = st.count;
-      }
-    });
-    at::parallel_for(0, g.c, grain_for(parts), [&](int64_t begin, int64_t end) {
-      const int64_t len = end - begin;
-      std::vector<acc_t> acc(3 * len);
-      WelfordRows<acc_t> s{acc.data(), acc.data() + len, acc.data() + 2 * len, 0};
-      for (int64_t p = 0; p < parts; ++p) {
-        welford_merge_rows(s, part.data() + p * g.c + begin, part.data() + (parts + p) * g.c + begin,
-                           part.data() + (2 * parts + p) * g.c + begin, part_count[p], len);
-      }
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t ch = begin + i;
-        welford_finalize(WelfordState<acc_t>{s.mean[i], s.m2[i], s.nonfinite[i], s.count}, pivot[ch],
-                         static_cast<acc_t>(eps), mean_p[ch], var_p[ch], invstd_p[ch]);
-      }
-    });
+  // The Welford states of every channel over each channels_last row block p, as three [parts, C] arrays in one
+  // buffer (means, then m2, then non-finite sums) and a count per block; merged per channel in block order.
+  std::vector<acc_t> part(3 * parts * g.c);
+  std::vector<int64_t> part_count(parts);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      WelfordRows<acc_t> st{part.data() + p * g.c, part.data() + (parts + p) * g.c,
+                            part.data() + (2 * parts + p) * g.c, 0};
+      welford_rows(data, g.c, p * rows, std::min(g.m, (p + 1) * rows), pivot.data(), st);
+      part_count[p] = st.count;
+    }
+  });
+  at::parallel_for(0, g.c, grain_for(parts), [&](int64_t begin, int64_t end) {
+    const int64_t len = end - begin;
+    std::vector<acc_t> acc(3 * len);
+    WelfordRows<acc_t> s{acc.data(), acc.data() + len, acc.data() + 2 * len, 0};
+    for (int64_t p = 0; p < parts; ++p) {
+      welford_merge_rows(s, part.data() + p * g.c + begin, part.data() + (parts + p) * g.c + begin,
+                         part.data() + (2 * parts + p) * g.c + begin, part_count[p], len);
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t ch = begin + i;
+      welford_finalize(WelfordState<acc_t>{s.mean[i], s.m2[i], s.nonfinite[i], s.count}, pivot[ch],
+                       static_cast<acc_t>(eps), mean_p[ch], var_p[ch], invstd_p[ch]);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& u_in, double eps) {
@@ -545,9 +546,9 @@ FH_CPU_CLONES_WIDE GradSums<acc_t> grad_sums_plane(const scalar_t* __restrict__ 
 // Per-channel sums of channels_last rows [r0, r1), kSegments rows per pass as rows_sums.
 template <typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void grad_sums_rows(const scalar_t* __restrict__ dr, const scalar_t* __restrict__ u, int64_t c,
-                                           int64_t r0, int64_t r1, const acc_t* __restrict__ scale,
-                                           const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
-                                           GradSums<acc_t>* out) {
+                                       int64_t r0, int64_t r1, const acc_t* __restrict__ scale,
+                                       const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
+                                       GradSums<acc_t>* out) {
   std::vector<acc_t> dz_buf(c, acc_t(0)), dzx_buf(c, acc_t(0));
   acc_t* __restrict__ s_dz = dz_buf.data();
   acc_t* __restrict__ s_dzx = dzx_buf.data();
