@@ -3,8 +3,8 @@
 Cold cache: before every timed call, a buffer of twice the last-level cache is read and written, so the call starts
 with its tensors in DRAM, as an activation of a real network does when its layer runs again in backward. Warm rows
 call the same function back to back; at hourglass sizes the copy yardstick then runs largely from the last-level
-cache (a 16 MiB clone's source and destination together just fit a 32 MiB L3), while a fused training step's
-tensors, four times larger, cannot, so only rows of the same cache state are comparable.
+cache (a 16 MiB clone's source and destination together just fit a 32 MiB L3), while a fused training step's four
+tensors (twice those bytes) cannot, so only rows of the same cache state are comparable.
 
 Ratios: every group with a yardstick row (`impl` "clone" or "copy") gets a line in the terminal summary giving each
 row's min time divided by the yardstick's min time. Ratios are what compare across machines and runs. The memory
@@ -14,9 +14,10 @@ tensor allocated once (no allocator in the way), and report the ratio of the two
 
 Allocator: glibc returns freed multi-megabyte blocks to the kernel and faults their pages in again on the next
 allocation, in some rounds and not others, which moved a 16 MiB clone between 1x and 6.6x a copy into a ready
-tensor within one run. The benchmark session therefore keeps freed memory in the heap (mallopt: mmap threshold
-32 MiB, the most glibc allows, and trim threshold 1 GiB), as the README suggests for training; every row runs
-under the same setting. FH_BENCH_GLIBC_DEFAULTS=1 keeps glibc's defaults.
+tensor within one run. So when the first timed benchmark starts, the process keeps freed memory in glibc's heap
+(mallopt: mmap and trim thresholds of 1 GiB), as the README suggests for training; every timed row runs under
+the same setting, and runs with benchmarks disabled (the test suite) never change it. FH_BENCH_GLIBC_DEFAULTS=1
+keeps glibc's defaults. The terminal summary says which applied.
 """
 
 from __future__ import annotations
@@ -38,26 +39,33 @@ _results: list[tuple[str, str, float, bool, float | None]] = []
 _evict_buffer: torch.Tensor | None = None
 
 
-def _keep_freed_memory_mapped() -> str:
-    """Set glibc's mmap and trim thresholds (see the module docstring); returns what was done, for the header."""
+_allocator: str | None = None  # what _keep_freed_memory_in_heap did, once it has run
+
+
+def _keep_freed_memory_in_heap() -> str:
+    """Set glibc's mmap and trim thresholds (see the module docstring); returns what was done."""
     if os.environ.get("FH_BENCH_GLIBC_DEFAULTS") == "1":
         return "glibc malloc defaults (FH_BENCH_GLIBC_DEFAULTS=1)"
     if not sys.platform.startswith("linux"):
-        return "platform allocator defaults"
+        return "the platform allocator's defaults"
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
-    except (OSError, AttributeError):
-        ok = False
-    return "glibc malloc: mmap threshold 32 MiB, trim threshold 1 GiB" if ok else "malloc defaults (mallopt failed)"
+    except OSError:
+        return "malloc defaults (libc not found)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    for mmap_threshold in (1 << 30, 32 << 20):  # older glibc caps the mmap threshold at 32 MiB
+        if libc.mallopt(m_mmap_threshold, mmap_threshold) == 1:
+            if libc.mallopt(m_trim_threshold, 1 << 30) == 1:
+                return f"glibc malloc: mmap threshold {mmap_threshold >> 20} MiB, trim threshold 1024 MiB"
+            break
+    return "malloc defaults (mallopt failed)"
 
 
-_ALLOCATOR = _keep_freed_memory_mapped()
-
-
-def pytest_report_header(config):
-    return f"fused_hourglass benchmarks: {_ALLOCATOR}"
+@pytest.fixture(autouse=True)
+def _allocator_for_timing(request):
+    global _allocator
+    if _allocator is None and "benchmark" in request.fixturenames and not request.getfixturevalue("benchmark").disabled:
+        _allocator = _keep_freed_memory_in_heap()
 
 
 def _last_level_cache_bytes() -> int:
@@ -82,7 +90,8 @@ def evict_caches() -> None:
 def run_benchmark(benchmark, fn: Callable, cache: str, yardstick: Callable | None = None,
                   target_seconds: float = 1.0):
     """Time fn() with pytest-benchmark; cache "warm" calls it back to back, "cold" evicts the caches before each
-    call (outside the timed region), with enough rounds for about target_seconds of calls. With a cold cache and
+    call (outside the timed region), with enough rounds for about target_seconds of timed calls (the evictions,
+    two of at least 64 MiB per round with a yardstick, add to the wall time). With a cold cache and
     a yardstick, every round also times one yardstick call from cold caches, and extra_info gets the ratio of
     fn's median to the yardstick's ("ratio_to_paired_copy")."""
     if cache == "warm":
@@ -107,8 +116,9 @@ def run_benchmark(benchmark, fn: Callable, cache: str, yardstick: Callable | Non
         evict_caches()
 
     result = benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
-    if yardstick_times:
-        ratio = benchmark.stats.stats.median / statistics.median(yardstick_times)
+    if len(yardstick_times) > 1:
+        # pytest-benchmark runs setup before the warm-up round as well: its yardstick time is left out.
+        ratio = benchmark.stats.stats.median / statistics.median(yardstick_times[1:])
         benchmark.extra_info["ratio_to_paired_copy"] = round(ratio, 3)
     return result
 
@@ -144,8 +154,10 @@ def pytest_terminal_summary(terminalreporter):
                           for row, seconds, is_yardstick, paired in rows if not is_yardstick)
         # The clone row's own paired ratio: clone (which allocates its output) over a copy into a ready tensor.
         own = f", clone / paired copy {base[0][1]:.2f}x" if base[0][1] else ""
-        lines.append(f"{group}: {cells}  (copy min {base[0][0] * 1e6:.0f} us{own})")
+        lines.append(f"{group}: {cells}  (yardstick min {base[0][0] * 1e6:.0f} us{own})")
     if lines:
-        terminalreporter.write_sep("-", "min time / min time of the group's copy")
+        terminalreporter.write_sep("-", "min time / min time of the group's yardstick (a copy or clone of the input)")
+        if _allocator is not None:
+            terminalreporter.write_line(f"allocator: {_allocator}")
         for line in lines:
             terminalreporter.write_line(line)

@@ -231,17 +231,18 @@ def test_empty_batch_matches_batch_norm(training):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (3, 3, 23, 17)], ids=["one-run", "runs-and-tail"])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (3, 4, 23, 17)], ids=["one-run", "runs-and-tail"])
 def test_nonfinite_inputs_propagate_like_reference(bad, training, channels_last, shape):
-    """(3, 3, 23, 17) has 1173 pixels: channels_last statistics sum them in runs of 256 rows, eight segments per
-    run and a tail of leftover rows; the bad values sit in a middle run and in the last (tail) row."""
-    ref, fused = make_modules(3)
+    """Channels_last statistics sum rows in runs of 256, eight segments per run plus the rows left over: (2, 4, 3, 5)
+    is one run of 30 rows (6 left over), (3, 4, 23, 17) five runs, the last of 149 rows (5 left over). Channel 3's
+    only bad value is the last pixel, a left-over row."""
+    ref, fused = make_modules(4)
     ref.train(training)
     fused.train(training)
     u = make_input(shape)
     u[1, 1, 2, 3] = bad  # one bad value in channel 1; in training it poisons that channel's statistics only
     u[0, 2, 0, 0] = bad  # the first value of channel 2
-    u[-1, 1, -1, -1] = bad
+    u[-1, 3, -1, -1] = bad
     u = u.contiguous(memory_format=torch.channels_last) if channels_last else u
     g = torch.ones_like(u)
     y_f, _ = assert_modules_match(ref, fused, u, g, torch.float32)
@@ -671,11 +672,12 @@ def test_bn_relu_forward_updates_low_precision_running_statistics_in_place():
 
 @requires_extension
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("c", [3, 20], ids=["few-channels", "many-channels"])
+@pytest.mark.parametrize("c", [3, 20, 256], ids=["few-channels", "many-channels", "256-channels"])
 @pytest.mark.parametrize("side", [(33, 31), (7, 9)], ids=["large-planes", "small-planes"])
 def test_reductions_deterministic_across_thread_counts(channels_last, c, side):
     """The partials of the statistics and of the gradient sums depend on the shape only and merge in index
-    order: the same bits on 1 thread as on 2."""
+    order: the same bits on 1 thread as on 2. At C = 256 the channels_last merge of the partials is split
+    between the threads by channel."""
     u = make_input((64, c, *side), channels_last=channels_last)
     g = make_input((64, c, *side), channels_last=channels_last, seed=3, offset=0.0)
     scale, shift = torch.rand(c) + 0.5, torch.randn(c)

@@ -233,7 +233,9 @@ struct WelfordRows {
   int64_t count;
 };
 
-// a ← welford_merge(a, b) for channels [0, c), b's arrays given with its count, in welford_merge's arithmetic.
+// a ← welford_merge(a, b) for channels [0, c), b's arrays given with its count: welford_merge's formulas, which
+// the AVX2 and AVX-512 copies may contract into fused multiply-adds (so the last bit can differ from the scalar
+// merge; the result depends on the machine's ISA, never on the thread count).
 template <typename acc_t>
 FH_CPU_CLONES_WIDE void welford_merge_rows(WelfordRows<acc_t>& a, const acc_t* __restrict__ b_mean,
                                            const acc_t* __restrict__ b_m2, const acc_t* __restrict__ b_nonfinite,
@@ -261,7 +263,7 @@ FH_CPU_CLONES_WIDE void welford_merge_rows(WelfordRows<acc_t>& a, const acc_t* _
   a.count += b_count;
 }
 
-// s1, s2 ← the mean and m2 of welford_from_sums(s1, s2, ·, count), for channels [0, c).
+// s1, s2 ← the mean and m2 of welford_from_sums(s1, s2, ·, count), for channels [0, c) (its formulas, as above).
 template <typename acc_t>
 FH_CPU_CLONES_WIDE void welford_from_sums_rows(acc_t* __restrict__ s1, acc_t* __restrict__ s2, int64_t count,
                                                int64_t c) {
