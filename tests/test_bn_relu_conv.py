@@ -180,3 +180,94 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         ops.bn_relu_conv2d(torch.randn(1, 4, 1, 1), bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight,
                            None)
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck(dtype, layout):
+    """The op's schema (running statistics mutated in place), its autograd kernel, and meta/fake tensors."""
+    c = 4
+    u = _layout(torch.randn(2, c, 5, 6, dtype=dtype), layout).requires_grad_()
+    w = (torch.rand(c, dtype=dtype) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=dtype).requires_grad_()
+    cw = torch.randn(3, c, 3, 3, dtype=dtype).requires_grad_()
+    cb = torch.randn(3, dtype=dtype).requires_grad_()
+    for training in (True, False):
+        for conv_bias in (cb, None):
+            for affine in ((w, b), (None, None)):
+                running = (torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5)
+                torch.library.opcheck(torch.ops.fused_hourglass.bn_relu_conv2d.default,
+                                      (u, *affine, *running, training, 0.1, 1e-5, cw, conv_bias, 1))
+
+
+@requires_extension
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(("has_weight", "has_bias", "conv_bias"),
+                         [(True, True, True), (False, True, False), (True, False, True), (False, False, False)])
+def test_gradients_of_each_input_alone(training, has_weight, has_bias, conv_bias):
+    """Only the input that requires grad gets one, and it equals the gradient eager computes; the autograd
+    kernel maps the gradient edges of whichever optional tensors are present."""
+    bn, conv = _modules(5, 6, 3, torch.float64)
+    if not conv_bias:
+        conv.bias = None
+    u = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    g = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    names = ["u", "conv_weight"] + (["weight"] if has_weight else []) + (["bias"] if has_bias else [])
+    names += ["conv_bias"] if conv_bias else []
+    for name in names:
+        leaves = {"u": u.clone(), "weight": bn.weight.detach().clone(), "bias": bn.bias.detach().clone(),
+                  "conv_weight": conv.weight.detach().clone(),
+                  "conv_bias": conv.bias.detach().clone() if conv_bias else None}
+        if not has_weight:
+            leaves["weight"] = None
+        if not has_bias:
+            leaves["bias"] = None
+        leaves[name].requires_grad_()
+        rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+        out = ops.bn_relu_conv2d(leaves["u"], leaves["weight"], leaves["bias"], rm, rv, training, 0.1, 1e-5,
+                                 leaves["conv_weight"], leaves["conv_bias"], 1)
+        (got,) = torch.autograd.grad(out, leaves[name], g)
+        ref = {k: (v.detach().clone().requires_grad_(k == name) if v is not None else None)
+               for k, v in leaves.items()}
+        r = F.relu(F.batch_norm(ref["u"], bn.running_mean.clone(), bn.running_var.clone(), ref["weight"],
+                                ref["bias"], training, 0.1, 1e-5))
+        (want,) = torch.autograd.grad(F.conv2d(r, ref["conv_weight"], ref["conv_bias"], padding=1), ref[name], g)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@requires_extension
+def test_double_backward_raises():
+    bn, conv = _modules(3, 4, 3, torch.float64)
+    u = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    out = _fused(bn, conv, u, True)
+    (du,) = torch.autograd.grad(out.sum(), u, create_graph=True)
+    with pytest.raises(RuntimeError, match="bn_relu_conv2d: double backward is not supported"):
+        du.sum().backward()
+
+
+@requires_extension
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_compile_matches_eager_call(training):
+    bn, conv = _modules(4, 5, 3, torch.float32)
+    bn_c = copy.deepcopy(bn)
+    u = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 5, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def forward(bn_mod, x):
+        return _fused(bn_mod, conv, x, training)
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+
+    def step(fn, bn_mod):
+        x = u.clone().requires_grad_()
+        out = fn(bn_mod, x)
+        out.backward(g)
+        return out.detach(), x.grad
+
+    want = step(forward, bn)
+    got = step(compiled, bn_c)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn_c.running_mean, bn.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn_c.running_var, bn.running_var, rtol=1e-6, atol=1e-6)

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "ops/autograd_utils.h"
+#include "ops/bn_relu_autograd.h"
 
 TORCH_LIBRARY_FRAGMENT(fused_hourglass, m) {
   m.def("bn_stats(Tensor u, float eps) -> (Tensor mean, Tensor var, Tensor invstd)");
@@ -30,8 +31,8 @@ TORCH_LIBRARY_FRAGMENT(fused_hourglass, m) {
 // ---------------------------------------------------------------------------------------------------------
 // Autograd of bn_relu_forward, in C++ as torchvision's ops (a Python autograd function costs ~15 µs more per
 // training step, as long as the kernels at 8 px): r is differentiable in u, weight and bias; the per-channel
-// vectors are not. Saves u and the per-channel vectors (never r); backward recomputes the ReLU mask, as
-// bn_relu_backward in fused_hourglass/ops/bn_relu.py does for the Python autograd functions.
+// vectors are not. Saves u and the per-channel vectors (never r); backward recomputes the ReLU mask
+// (bn_relu_grads, shared with bn_relu_conv2d's autograd kernel in ops/bn_relu_conv.cpp).
 
 namespace fused_hourglass {
 namespace {
@@ -69,43 +70,54 @@ class BnReLUFunction : public torch::autograd::Function<BnReLUFunction> {
     const bool need_w = weight_dtype >= 0 && ctx->needs_input_grad(1);
     const bool need_b = bias_dtype >= 0 && ctx->needs_input_grad(weight_dtype >= 0 ? 2 : 1);
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &u = saved[0], &scale = saved[1], &shift = saved[2], &mean = saved[3], &invstd = saved[4];
     const at::Tensor& grad = grads[0];
     const bool grad_mode = at::GradMode::is_enabled();
     at::NoGradGuard no_grad;
-    at::Tensor du, sum_dz, sum_dz_xhat;
-    if (need_u && ctx->saved_data["batch_stats"].toBool()) {
-      static const auto op = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("fused_hourglass::bn_relu_backward", "")
-                                 .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&)>();
-      std::tie(du, sum_dz, sum_dz_xhat) = op.call(grad, u, scale, shift, mean, invstd);
-    } else {
-      if (need_w || need_b) {
-        static const auto op = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("fused_hourglass::bn_relu_backward_reduce", "")
-                                   .typed<std::tuple<at::Tensor, at::Tensor>(
-                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const at::Tensor&, const at::Tensor&)>();
-        std::tie(sum_dz, sum_dz_xhat) = op.call(grad, u, scale, shift, mean, invstd);
-      }
-      if (need_u) {
-        static const auto op = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("fused_hourglass::bn_relu_backward_apply", "")
-                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                     const at::Tensor&, const OptTensor&, const OptTensor&,
-                                                     const OptTensor&, const OptTensor&)>();
-        du = op.call(grad, u, scale, shift, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
-      }
-    }
-    const at::Tensor grad_w = need_w ? sum_dz_xhat.to(static_cast<at::ScalarType>(weight_dtype)) : at::Tensor();
-    const at::Tensor grad_b = need_b ? sum_dz.to(static_cast<at::ScalarType>(bias_dtype)) : at::Tensor();
-    variable_list out = once_differentiable({du, grad_w, grad_b}, "bn_relu", grad_mode, grad, u);
+    variable_list out = bn_relu_grads(grad, saved, ctx->saved_data["batch_stats"].toBool(), need_u, need_w, need_b,
+                                      weight_dtype, bias_dtype);
+    out = once_differentiable(std::move(out), "bn_relu", grad_mode, grad, saved[0]);
     out.resize(8);  // nothing for running_mean, running_var, training, momentum, eps
     return out;
   }
 };
+
+}  // namespace
+
+variable_list bn_relu_grads(const at::Tensor& grad, const variable_list& saved, bool batch_stats, bool need_u,
+                            bool need_w, bool need_b, int64_t weight_dtype, int64_t bias_dtype) {
+  const at::Tensor &u = saved[0], &scale = saved[1], &shift = saved[2], &mean = saved[3], &invstd = saved[4];
+  at::Tensor du, sum_dz, sum_dz_xhat;
+  if (need_u && batch_stats) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fused_hourglass::bn_relu_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&)>();
+    std::tie(du, sum_dz, sum_dz_xhat) = op.call(grad, u, scale, shift, mean, invstd);
+  } else {
+    if (need_w || need_b) {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("fused_hourglass::bn_relu_backward_reduce", "")
+                                 .typed<std::tuple<at::Tensor, at::Tensor>(
+                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&)>();
+      std::tie(sum_dz, sum_dz_xhat) = op.call(grad, u, scale, shift, mean, invstd);
+    }
+    if (need_u) {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("fused_hourglass::bn_relu_backward_apply", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, const OptTensor&, const OptTensor&,
+                                                   const OptTensor&, const OptTensor&)>();
+      du = op.call(grad, u, scale, shift, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+    }
+  }
+  const at::Tensor grad_w = need_w ? sum_dz_xhat.to(static_cast<at::ScalarType>(weight_dtype)) : at::Tensor();
+  const at::Tensor grad_b = need_b ? sum_dz.to(static_cast<at::ScalarType>(bias_dtype)) : at::Tensor();
+  return {du, grad_w, grad_b};
+}
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_autograd(
     const at::Tensor& u, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,

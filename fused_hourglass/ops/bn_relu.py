@@ -84,37 +84,6 @@ def _check_bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {u.size()}")
 
 
-def save_bn_context(ctx, u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                    scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-                    batch_stats: bool, *extra: torch.Tensor) -> None:
-    """What `bn_relu_backward` needs: u and the per-channel vectors (then `extra` tensors), and the flags. For
-    Python autograd functions built on `bn_relu_forward` (bn_relu_conv2d); `bn_relu` itself uses the C++
-    autograd kernel, which does the same."""
-    ctx.save_for_backward(u, scale, shift, mean, invstd, *extra)
-    ctx.batch_stats = batch_stats
-    ctx.weight_dtype = None if weight is None else weight.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def bn_relu_backward(ctx, grad: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                     mean: torch.Tensor, invstd: torch.Tensor, *_extra: torch.Tensor):
-    """(du, dweight, dbias) from the gradient of r = relu(u·scale + shift), recomputing the ReLU mask from u.
-    `ctx` is an autograd context set up by `save_bn_context` whose inputs 0, 1, 2 are u, weight, bias."""
-    need_u, need_w, need_b = ctx.needs_input_grad[:3]
-    ops = torch.ops.fused_hourglass
-    du = sum_dz = sum_dz_xhat = None
-    if need_u and ctx.batch_stats:
-        du, sum_dz, sum_dz_xhat = ops.bn_relu_backward.default(grad, u, scale, shift, mean, invstd)
-    else:
-        if need_w or need_b:
-            sum_dz, sum_dz_xhat = ops.bn_relu_backward_reduce.default(grad, u, scale, shift, mean, invstd)
-        if need_u:
-            du = ops.bn_relu_backward_apply.default(grad, u, scale, shift, None, None, None, None)
-    grad_w = sum_dz_xhat.to(ctx.weight_dtype) if need_w else None
-    grad_b = sum_dz.to(ctx.bias_dtype) if need_b else None
-    return du, grad_w, grad_b
-
-
 def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
             running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
             momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:

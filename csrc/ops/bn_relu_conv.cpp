@@ -1,0 +1,141 @@
+// bn_relu_conv2d: conv2d(relu(batch_norm(u))) as one op whose autograd saves u and the per-channel vectors, not
+// the convolution's input r. Forward: bn_relu_forward, then ATen's convolution (oneDNN on the CPU, cuDNN on CUDA),
+// registered once for every backend (CompositeExplicitAutograd, which also serves meta and fake tensors).
+// Backward (C++ autograd kernel): r recomputed with bn_relu_apply, the convolution's backward, then the BN-ReLU
+// backward shared with bn_relu_forward (bn_relu_grads).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops/autograd_utils.h"
+#include "ops/bn_relu_autograd.h"
+#include "ops/common.h"
+
+TORCH_LIBRARY_FRAGMENT(fused_hourglass, m) {
+  m.def(
+      "bn_relu_conv2d(Tensor u, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps, Tensor conv_weight, Tensor? conv_bias, int padding) -> Tensor");
+}
+
+namespace fused_hourglass {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+using BnReLUOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+BnReLUOutputs call_bn_relu_forward(const at::Tensor& u, const OptTensor& weight, const OptTensor& bias,
+                                   const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                                   double momentum, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_hourglass::bn_relu_forward", "")
+                             .typed<BnReLUOutputs(const at::Tensor&, const OptTensor&, const OptTensor&,
+                                                  const OptTensor&, const OptTensor&, bool, double, double)>();
+  return op.call(u, weight, bias, running_mean, running_var, training, momentum, eps);
+}
+
+at::Tensor conv(const at::Tensor& r, const at::Tensor& conv_weight, const OptTensor& conv_bias, int64_t padding) {
+  return at::convolution(r, conv_weight, conv_bias, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
+}
+
+// Without autograd (every backend, meta and fake tensors included).
+at::Tensor bn_relu_conv2d_composite(const at::Tensor& u, const OptTensor& weight, const OptTensor& bias,
+                                    const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                                    double momentum, double eps, const at::Tensor& conv_weight,
+                                    const OptTensor& conv_bias, int64_t padding) {
+  const at::Tensor r =
+      std::get<0>(call_bn_relu_forward(u, weight, bias, running_mean, running_var, training, momentum, eps));
+  return conv(r, conv_weight, conv_bias, padding);
+}
+
+class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& u, const OptTensor& weight,
+                               const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                               bool training, double momentum, double eps, const at::Tensor& conv_weight,
+                               const OptTensor& conv_bias, int64_t padding) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [r, scale, shift, mean, invstd] =
+        call_bn_relu_forward(u, weight, bias, running_mean, running_var, training, momentum, eps);
+    at::Tensor out = conv(r, conv_weight, conv_bias, padding);
+    ctx->save_for_backward({u, scale, shift, mean, invstd, conv_weight});
+    ctx->saved_data["batch_stats"] = training || !running_mean.has_value();
+    ctx->saved_data["weight_dtype"] = weight.has_value() ? static_cast<int64_t>(weight->scalar_type()) : int64_t(-1);
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    // Gradient edges exist for the tensor inputs given, in order: u, weight, bias, running_mean, running_var,
+    // conv_weight, conv_bias (the optional ones only when present).
+    const int64_t conv_edge = 1 + weight.has_value() + bias.has_value() + running_mean.has_value() +
+                              running_var.has_value();
+    ctx->saved_data["conv_edge"] = conv_edge;
+    ctx->saved_data["has_conv_bias"] = conv_bias.has_value();
+    ctx->saved_data["padding"] = padding;
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t weight_dtype = ctx->saved_data["weight_dtype"].toInt();
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const int64_t conv_edge = ctx->saved_data["conv_edge"].toInt();
+    const bool has_conv_bias = ctx->saved_data["has_conv_bias"].toBool();
+    const int64_t padding = ctx->saved_data["padding"].toInt();
+    const bool need_u = ctx->needs_input_grad(0);
+    const bool need_w = weight_dtype >= 0 && ctx->needs_input_grad(1);
+    const bool need_b = bias_dtype >= 0 && ctx->needs_input_grad(weight_dtype >= 0 ? 2 : 1);
+    const bool need_cw = ctx->needs_input_grad(conv_edge);
+    const bool need_cb = has_conv_bias && ctx->needs_input_grad(conv_edge + 1);
+    const bool need_bn = need_u || need_w || need_b;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &u = saved[0], &scale = saved[1], &shift = saved[2], &conv_weight = saved[5];
+    const bool grad_mode = at::GradMode::is_enabled();
+    at::NoGradGuard no_grad;
+    static const auto apply_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fused_hourglass::bn_relu_apply", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+    at::Tensor dr, dcw, dcb;
+    {
+      const at::Tensor r = apply_op.call(u, scale, shift);  // recomputed, never saved
+      // The convolution's gradients want the output gradient in the layout its forward produced (r's).
+      const at::Tensor grad = grads[0].contiguous(output_memory_format(r));
+      const std::optional<at::IntArrayRef> bias_sizes =
+          has_conv_bias ? std::optional<at::IntArrayRef>(at::IntArrayRef(conv_weight.sizes().data(), 1))
+                        : std::nullopt;
+      std::tie(dr, dcw, dcb) =
+          at::convolution_backward(grad, r, conv_weight, bias_sizes, {1, 1}, {padding, padding}, {1, 1}, false,
+                                   {0, 0}, 1, {need_bn, need_cw, need_cb});
+    }
+    variable_list out{at::Tensor(), at::Tensor(), at::Tensor()};
+    if (need_bn) {
+      out = bn_relu_grads(dr, saved, ctx->saved_data["batch_stats"].toBool(), need_u, need_w, need_b, weight_dtype,
+                          bias_dtype);
+    }
+    out.push_back(dcw);
+    out.push_back(dcb);
+    out = once_differentiable(std::move(out), "bn_relu_conv2d", grad_mode, grads[0], u);
+    // One entry per forward argument: u, weight, bias, running_mean, running_var, training, momentum, eps,
+    // conv_weight, conv_bias, padding.
+    return {out[0], out[1], out[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            out[3], out[4], at::Tensor()};
+  }
+};
+
+at::Tensor bn_relu_conv2d_autograd(const at::Tensor& u, const OptTensor& weight, const OptTensor& bias,
+                                   const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                                   double momentum, double eps, const at::Tensor& conv_weight,
+                                   const OptTensor& conv_bias, int64_t padding) {
+  return BnReLUConvFunction::apply(u, weight, bias, running_mean, running_var, training, momentum, eps, conv_weight,
+                                   conv_bias, padding)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_hourglass, CompositeExplicitAutograd, m) {
+  m.impl("bn_relu_conv2d", &bn_relu_conv2d_composite);
+}
+
+TORCH_LIBRARY_IMPL(fused_hourglass, Autograd, m) { m.impl("bn_relu_conv2d", &bn_relu_conv2d_autograd); }
+
+}  // namespace fused_hourglass
