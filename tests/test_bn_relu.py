@@ -378,6 +378,11 @@ def test_double_backward_raises():
     assert du.requires_grad
     with pytest.raises(RuntimeError, match="bn_relu: double backward is not supported"):
         du.sum().backward()
+    # u as plain data and a constant incoming gradient: w's gradient still depends on w (through the ReLU mask),
+    # so differentiating it must raise as well, not return a constant.
+    (dw,) = torch.autograd.grad(bn_relu(u.detach(), w, None, None, None, True), w, g, create_graph=True)
+    with pytest.raises(RuntimeError, match="bn_relu: double backward is not supported"):
+        dw.sum().backward()
 
 
 @pytest.mark.parametrize("training", [True, False])

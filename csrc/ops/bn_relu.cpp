@@ -54,7 +54,8 @@ class BnReLUFunction : public torch::autograd::Function<BnReLUFunction> {
                 const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
                 double, double)>();
     auto [r, scale, shift, mean, invstd] = op.call(u, weight, bias, running_mean, running_var, training, momentum, eps);
-    ctx->save_for_backward({u, scale, shift, mean, invstd});
+    // weight and bias only for the double-backward guard (the gradients depend on them through scale and shift).
+    ctx->save_for_backward({u, scale, shift, mean, invstd, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
     ctx->saved_data["batch_stats"] = training || !running_mean.has_value();
     ctx->saved_data["weight_dtype"] = weight.has_value() ? static_cast<int64_t>(weight->scalar_type()) : int64_t(-1);
     ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
@@ -75,7 +76,7 @@ class BnReLUFunction : public torch::autograd::Function<BnReLUFunction> {
     at::NoGradGuard no_grad;
     variable_list out = bn_relu_grads(grad, saved, ctx->saved_data["batch_stats"].toBool(), need_u, need_w, need_b,
                                       weight_dtype, bias_dtype);
-    out = once_differentiable(std::move(out), "bn_relu", grad_mode, grad, saved[0]);
+    out = once_differentiable(std::move(out), "bn_relu", grad_mode, {grad, saved[0], saved[5], saved[6]});
     out.resize(8);  // nothing for running_mean, running_var, training, momentum, eps
     return out;
   }

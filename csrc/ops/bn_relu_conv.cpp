@@ -61,7 +61,9 @@ class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> 
     auto [r, scale, shift, mean, invstd] =
         call_bn_relu_forward(u, weight, bias, running_mean, running_var, training, momentum, eps);
     at::Tensor out = conv(r, conv_weight, conv_bias, padding);
-    ctx->save_for_backward({u, scale, shift, mean, invstd, conv_weight});
+    // weight and bias only for the double-backward guard (every gradient depends on them through r).
+    ctx->save_for_backward({u, scale, shift, mean, invstd, conv_weight, weight.value_or(at::Tensor()),
+                            bias.value_or(at::Tensor())});
     ctx->saved_data["batch_stats"] = training || !running_mean.has_value();
     ctx->saved_data["weight_dtype"] = weight.has_value() ? static_cast<int64_t>(weight->scalar_type()) : int64_t(-1);
     ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
@@ -114,7 +116,8 @@ class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> 
     }
     out.push_back(dcw);
     out.push_back(dcb);
-    out = once_differentiable(std::move(out), "bn_relu_conv2d", grad_mode, grads[0], u);
+    out = once_differentiable(std::move(out), "bn_relu_conv2d", grad_mode,
+                              {grads[0], u, conv_weight, saved[6], saved[7]});
     // One entry per forward argument: u, weight, bias, running_mean, running_var, training, momentum, eps,
     // conv_weight, conv_bias, padding.
     return {out[0], out[1], out[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),

@@ -45,7 +45,7 @@ class MaxPool2x2Function : public torch::autograd::Function<MaxPool2x2Function> 
       at::NoGradGuard no_grad;
       dx = max_pool2x2_backward_call(grads[0], x);
     }
-    return once_differentiable({dx}, "max_pool2x2", grad_mode, grads[0], x);
+    return once_differentiable({dx}, "max_pool2x2", grad_mode, {grads[0], x});
   }
 };
 
