@@ -181,6 +181,23 @@ def test_errors_name_the_argument():
         ops.bn_relu_conv2d(torch.randn(1, 4, 1, 1), bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight,
                            None)
 
+    # Arguments only the convolution uses are checked before the running statistics are touched.
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    bad = [
+        ({"conv_bias": torch.zeros(5)}, ValueError, r"conv_bias must be 1-D with 6 elements \(conv_weight's output "
+                                                    r"channels\), got shape \[5\]"),
+        ({"conv_bias": torch.zeros(6, dtype=torch.float64)}, TypeError, "u and conv_bias must have the same dtype"),
+        ({"padding": -1}, ValueError, "padding must be an int >= 0, got -1"),
+        ({"conv_weight": torch.zeros(6, 4, 5, 5)}, ValueError,
+         "the 5x5 conv_weight does not fit u's 3x3 planes with padding 0"),
+    ]
+    for kwargs, exc, message in bad:
+        args = {"conv_weight": conv.weight, "conv_bias": None, "padding": 0} | kwargs
+        with pytest.raises(exc, match=message):
+            ops.bn_relu_conv2d(u, bn.weight, bn.bias, rm, rv, True, 0.1, 1e-5, args["conv_weight"], args["conv_bias"],
+                               args["padding"])
+        assert torch.equal(rm, bn.running_mean) and torch.equal(rv, bn.running_var)
+
 
 @requires_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from ..reference import ops as reference
-from ._checks import check_4d_float, check_same_dtype_device
+from ._checks import check_4d_float, check_same_dtype_device, check_tensor
 from .bn_relu import _check_bn_relu
 
 __all__ = ["bn_relu_conv2d"]
@@ -39,6 +39,19 @@ def bn_relu_conv2d(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     if conv_weight.shape[1] != u.shape[1]:
         raise ValueError(f"{op}: conv_weight must have {u.shape[1]} input channels (the channels of u), "
                          f"got shape {list(conv_weight.shape)}")
+    # Checked here because the convolution only runs after the running statistics have been updated.
+    if conv_bias is not None:
+        check_tensor(conv_bias, op, "conv_bias")
+        check_same_dtype_device(u, "u", conv_bias, "conv_bias", op)
+        if conv_bias.shape != (conv_weight.shape[0],):
+            raise ValueError(f"{op}: conv_bias must be 1-D with {conv_weight.shape[0]} elements (conv_weight's "
+                             f"output channels), got shape {list(conv_bias.shape)}")
+    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+        raise ValueError(f"{op}: padding must be an int >= 0, got {padding!r}")
+    kh, kw = conv_weight.shape[2], conv_weight.shape[3]
+    if u.shape[2] + 2 * padding < kh or u.shape[3] + 2 * padding < kw:
+        raise ValueError(f"{op}: the {kh}x{kw} conv_weight does not fit u's {u.shape[2]}x{u.shape[3]} planes with "
+                         f"padding {padding}")
     if not _ext.use_kernel("bn_relu_forward", u.device):
         r = reference.bn_relu(u, weight, bias, running_mean, running_var, training, momentum, eps)
         return F.conv2d(r, conv_weight, conv_bias, padding=padding)
