@@ -47,35 +47,22 @@ class BnReLUFunction : public torch::autograd::Function<BnReLUFunction> {
                                const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
                                bool training, double momentum, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("fused_hourglass::bn_relu_forward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
-                double, double)>();
-    auto [r, scale, shift, mean, invstd] = op.call(u, weight, bias, running_mean, running_var, training, momentum, eps);
+    auto [r, scale, shift, mean, invstd] =
+        call_bn_relu_forward(u, weight, bias, running_mean, running_var, training, momentum, eps);
     // weight and bias only for the double-backward guard (the gradients depend on them through scale and shift).
     ctx->save_for_backward({u, scale, shift, mean, invstd, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
-    ctx->saved_data["batch_stats"] = training || !running_mean.has_value();
-    ctx->saved_data["weight_dtype"] = weight.has_value() ? static_cast<int64_t>(weight->scalar_type()) : int64_t(-1);
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    save_bn_relu_flags(ctx, training || !running_mean.has_value(), weight, bias);
     ctx->mark_non_differentiable({scale, shift, mean, invstd});
     return {r, scale, shift, mean, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t weight_dtype = ctx->saved_data["weight_dtype"].toInt();
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    // Gradient edges exist for the tensor inputs given: u, then weight and bias when present.
-    const bool need_u = ctx->needs_input_grad(0);
-    const bool need_w = weight_dtype >= 0 && ctx->needs_input_grad(1);
-    const bool need_b = bias_dtype >= 0 && ctx->needs_input_grad(weight_dtype >= 0 ? 2 : 1);
+    const BnReLUNeeds need = bn_relu_needs(ctx);
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad = grads[0];
     const bool grad_mode = at::GradMode::is_enabled();
     at::NoGradGuard no_grad;
-    variable_list out = bn_relu_grads(grad, saved, ctx->saved_data["batch_stats"].toBool(), need_u, need_w, need_b,
-                                      weight_dtype, bias_dtype);
+    variable_list out = bn_relu_grads(ctx, grad, saved, need);
     out = once_differentiable(std::move(out), "bn_relu", grad_mode, {grad, saved[0], saved[5], saved[6]});
     out.resize(8);  // nothing for running_mean, running_var, training, momentum, eps
     return out;
@@ -84,9 +71,34 @@ class BnReLUFunction : public torch::autograd::Function<BnReLUFunction> {
 
 }  // namespace
 
-variable_list bn_relu_grads(const at::Tensor& grad, const variable_list& saved, bool batch_stats, bool need_u,
-                            bool need_w, bool need_b, int64_t weight_dtype, int64_t bias_dtype) {
+BnReLUOutputs call_bn_relu_forward(const at::Tensor& u, const OptTensor& weight, const OptTensor& bias,
+                                   const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                                   double momentum, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_hourglass::bn_relu_forward", "")
+                             .typed<BnReLUOutputs(const at::Tensor&, const OptTensor&, const OptTensor&,
+                                                  const OptTensor&, const OptTensor&, bool, double, double)>();
+  return op.call(u, weight, bias, running_mean, running_var, training, momentum, eps);
+}
+
+void save_bn_relu_flags(AutogradContext* ctx, bool batch_stats, const OptTensor& weight, const OptTensor& bias) {
+  ctx->saved_data["batch_stats"] = batch_stats;
+  ctx->saved_data["weight_dtype"] = weight.has_value() ? static_cast<int64_t>(weight->scalar_type()) : int64_t(-1);
+  ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+}
+
+BnReLUNeeds bn_relu_needs(AutogradContext* ctx) {
+  const bool has_weight = ctx->saved_data["weight_dtype"].toInt() >= 0;
+  const bool has_bias = ctx->saved_data["bias_dtype"].toInt() >= 0;
+  return {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
+          has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
+}
+
+variable_list bn_relu_grads(AutogradContext* ctx, const at::Tensor& grad, const variable_list& saved,
+                            const BnReLUNeeds& need) {
   const at::Tensor &u = saved[0], &scale = saved[1], &shift = saved[2], &mean = saved[3], &invstd = saved[4];
+  const bool batch_stats = ctx->saved_data["batch_stats"].toBool();
+  const bool need_u = need.u, need_w = need.weight, need_b = need.bias;
   at::Tensor du, sum_dz, sum_dz_xhat;
   if (need_u && batch_stats) {
     static const auto op = c10::Dispatcher::singleton()
@@ -113,8 +125,9 @@ variable_list bn_relu_grads(const at::Tensor& grad, const variable_list& saved, 
       du = op.call(grad, u, scale, shift, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
     }
   }
-  const at::Tensor grad_w = need_w ? sum_dz_xhat.to(static_cast<at::ScalarType>(weight_dtype)) : at::Tensor();
-  const at::Tensor grad_b = need_b ? sum_dz.to(static_cast<at::ScalarType>(bias_dtype)) : at::Tensor();
+  const auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };
+  const at::Tensor grad_w = need_w ? sum_dz_xhat.to(dtype("weight_dtype")) : at::Tensor();
+  const at::Tensor grad_b = need_b ? sum_dz.to(dtype("bias_dtype")) : at::Tensor();
   return {du, grad_w, grad_b};
 }
 

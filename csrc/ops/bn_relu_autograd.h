@@ -5,16 +5,39 @@
 #include <torch/autograd.h>
 
 #include <cstdint>
+#include <optional>
+#include <tuple>
 
 namespace fused_hourglass {
 
+using BnReLUOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The bn_relu_forward op (r, scale, shift, mean, invstd), called through the dispatcher; autograd kernels call it
+// below autograd (at::AutoDispatchBelowADInplaceOrView).
+BnReLUOutputs call_bn_relu_forward(const at::Tensor& u, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& running_mean,
+                                   const std::optional<at::Tensor>& running_var, bool training, double momentum,
+                                   double eps);
+
+// What the BN-ReLU backward needs besides the saved tensors, saved by the forward: whether it normalised with the
+// batch statistics (training, or no running statistics) and the dtypes of weight and bias (-1 when absent).
+void save_bn_relu_flags(torch::autograd::AutogradContext* ctx, bool batch_stats,
+                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias);
+
+// Which of u, weight and bias need a gradient. Their gradient edges are the forward's first ones: u, then weight
+// and bias when present (an absent optional tensor has no edge).
+struct BnReLUNeeds {
+  bool u, weight, bias;
+  bool any() const { return u || weight || bias; }
+};
+BnReLUNeeds bn_relu_needs(torch::autograd::AutogradContext* ctx);
+
 // {du, dweight, dbias} from grad = ∂L/∂r, r = relu(u·scale + shift), recomputing the ReLU mask from u; each one
-// undefined when not needed. saved = {u, scale, shift, mean, invstd, ...} as bn_relu_forward returned them;
-// batch_stats: whether the forward normalised with the batch statistics (then du also carries the statistics'
-// gradient: bn_relu_backward), else with the running ones (du = dz·scale). weight_dtype, bias_dtype: the
-// parameters' at::ScalarType, as int64_t. Call with grad mode off.
-torch::autograd::variable_list bn_relu_grads(const at::Tensor& grad, const torch::autograd::variable_list& saved,
-                                            bool batch_stats, bool need_u, bool need_w, bool need_b,
-                                            int64_t weight_dtype, int64_t bias_dtype);
+// undefined when not needed. saved = {u, scale, shift, mean, invstd, ...} as bn_relu_forward returned them; the
+// flags are save_bn_relu_flags'. With batch statistics du also carries the statistics' gradient
+// (bn_relu_backward), else du = dz·scale. Call with grad mode off.
+torch::autograd::variable_list bn_relu_grads(torch::autograd::AutogradContext* ctx, const at::Tensor& grad,
+                                            const torch::autograd::variable_list& saved, const BnReLUNeeds& need);
 
 }  // namespace fused_hourglass

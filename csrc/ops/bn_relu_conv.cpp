@@ -25,18 +25,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
-using BnReLUOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-BnReLUOutputs call_bn_relu_forward(const at::Tensor& u, const OptTensor& weight, const OptTensor& bias,
-                                   const OptTensor& running_mean, const OptTensor& running_var, bool training,
-                                   double momentum, double eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fused_hourglass::bn_relu_forward", "")
-                             .typed<BnReLUOutputs(const at::Tensor&, const OptTensor&, const OptTensor&,
-                                                  const OptTensor&, const OptTensor&, bool, double, double)>();
-  return op.call(u, weight, bias, running_mean, running_var, training, momentum, eps);
-}
-
 at::Tensor conv(const at::Tensor& r, const at::Tensor& conv_weight, const OptTensor& conv_bias, int64_t padding) {
   return at::convolution(r, conv_weight, conv_bias, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
 }
@@ -64,9 +52,7 @@ class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> 
     // weight and bias only for the double-backward guard (every gradient depends on them through r).
     ctx->save_for_backward({u, scale, shift, mean, invstd, conv_weight, weight.value_or(at::Tensor()),
                             bias.value_or(at::Tensor())});
-    ctx->saved_data["batch_stats"] = training || !running_mean.has_value();
-    ctx->saved_data["weight_dtype"] = weight.has_value() ? static_cast<int64_t>(weight->scalar_type()) : int64_t(-1);
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    save_bn_relu_flags(ctx, training || !running_mean.has_value(), weight, bias);
     // Gradient edges exist for the tensor inputs given, in order: u, weight, bias, running_mean, running_var,
     // conv_weight, conv_bias (the optional ones only when present).
     const int64_t conv_edge = 1 + weight.has_value() + bias.has_value() + running_mean.has_value() +
@@ -78,17 +64,13 @@ class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t weight_dtype = ctx->saved_data["weight_dtype"].toInt();
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     const int64_t conv_edge = ctx->saved_data["conv_edge"].toInt();
     const bool has_conv_bias = ctx->saved_data["has_conv_bias"].toBool();
     const int64_t padding = ctx->saved_data["padding"].toInt();
-    const bool need_u = ctx->needs_input_grad(0);
-    const bool need_w = weight_dtype >= 0 && ctx->needs_input_grad(1);
-    const bool need_b = bias_dtype >= 0 && ctx->needs_input_grad(weight_dtype >= 0 ? 2 : 1);
+    const BnReLUNeeds need = bn_relu_needs(ctx);
     const bool need_cw = ctx->needs_input_grad(conv_edge);
     const bool need_cb = has_conv_bias && ctx->needs_input_grad(conv_edge + 1);
-    const bool need_bn = need_u || need_w || need_b;
+    const bool need_bn = need.any();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &u = saved[0], &scale = saved[1], &shift = saved[2], &conv_weight = saved[5];
     const bool grad_mode = at::GradMode::is_enabled();
@@ -111,8 +93,7 @@ class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> 
     }
     variable_list out{at::Tensor(), at::Tensor(), at::Tensor()};
     if (need_bn) {
-      out = bn_relu_grads(dr, saved, ctx->saved_data["batch_stats"].toBool(), need_u, need_w, need_b, weight_dtype,
-                          bias_dtype);
+      out = bn_relu_grads(ctx, dr, saved, need);
     }
     out.push_back(dcw);
     out.push_back(dcb);
