@@ -33,6 +33,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from fused_hourglass.benchmarking import last_level_cache_bytes
+
 YARDSTICKS = ("clone", "copy")
 # (group, row, min seconds, is the yardstick, median ratio to the paired yardstick or None)
 _results: list[tuple[str, str, float, bool, float | None]] = []
@@ -68,22 +70,11 @@ def _allocator_for_timing(request):
         _allocator = _keep_freed_memory_in_heap()
 
 
-def _last_level_cache_bytes() -> int:
-    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
-        try:
-            size = os.sysconf(name)
-        except (ValueError, OSError):
-            continue
-        if size > 0:
-            return size
-    return 32 << 20
-
-
 def evict_caches() -> None:
     """Read and write a buffer of twice the last-level cache (at least 64 MiB), pushing earlier data to DRAM."""
     global _evict_buffer
     if _evict_buffer is None:
-        _evict_buffer = torch.zeros(max(2 * _last_level_cache_bytes(), 64 << 20) // 4)
+        _evict_buffer = torch.zeros(max(2 * last_level_cache_bytes(), 64 << 20) // 4)
     _evict_buffer.add_(1.0)
 
 

@@ -56,10 +56,14 @@ def info(args: argparse.Namespace) -> int:
               f"{'compiled for ' + archs if build.get('with_cuda') else 'not compiled'}")
     else:
         print(f"extension: NOT available ({_ext.EXTENSION_ERROR}); every op runs its plain-PyTorch reference")
-    ops = sorted({name for name in _ext.registered_ops()})
+    ops = sorted({name for name in _ext.registered_ops() if not name.startswith("_")})
     for device in ("cpu", "cuda"):
         have = [op for op in ops if _ext.has_kernel(op, device)]
         print(f"  {device} kernels: {', '.join(have) if have else 'none'}")
+    if _ext.HAS_EXTENSION:
+        cache = torch.ops.fused_hourglass._cpu_last_level_cache_bytes()
+        print(f"  cpu last-level cache {cache / 2**20:g} MiB: element-wise passes touching at least "
+              f"{cache / 2**21:g} MiB write with streaming stores (FH_NONTEMPORAL_STORES=0/1 overrides)")
     print(f"triton: {_triton_status()}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}")

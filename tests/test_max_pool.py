@@ -151,10 +151,10 @@ def test_property_matches_max_pool2d(n, c, h, w, dtype, channels_last, ties, see
 @pytest.mark.parametrize(("shape", "channels_last"), [((2, 3, 66, 70), False), ((1, 1100, 4, 2), True),
                                                       ((2, 200, 4, 14), True), ((3, 5, 6, 10), True),
                                                       ((1, 1, 2, 2), False)],
-                         ids=["nchw-rows-across-chunks", "cl-window-longer-than-a-chunk", "cl-row-across-chunks",
+                         ids=["nchw-rows-across-pieces", "cl-window-longer-than-a-piece", "cl-row-across-pieces",
                               "cl-odd-c", "one-window"])
 def test_streaming_stores_match_max_pool2d(monkeypatch, dtype, shape, channels_last):
-    """The backward writes dx through non-temporal stores when its data exceed the last-level cache
+    """The backward writes dx through non-temporal stores when its data fill half the last-level cache
     (FH_NONTEMPORAL_STORES=1 forces it), with the same gradient as F.max_pool2d's."""
     monkeypatch.setenv("FH_NONTEMPORAL_STORES", "1")
     gen = torch.Generator().manual_seed(5)

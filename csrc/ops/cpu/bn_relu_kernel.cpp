@@ -395,22 +395,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& u_
 // ---------------------------------------------------------------------------------------------------------
 // bn_relu_apply
 
-// Element-wise loops of apply and backward apply, one channels_last row (per-channel vectors) or one NCHW
-// plane (per-plane scalars) per call, compiled for the baseline ISA, AVX2 and AVX-512 (FH_CPU_CLONES_WIDE).
+// Element-wise loops of apply and backward apply over channels_last rows (per-channel vectors) or one NCHW
+// plane (per-plane scalars), compiled for the baseline ISA, AVX2 and AVX-512 (FH_CPU_CLONES_WIDE); `stream`
+// writes the output with streaming stores (write_out).
 template <typename scalar_t, typename acc_t>
-FH_CPU_CLONES_WIDE void apply_row(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst,
-                                  const acc_t* __restrict__ sc, const acc_t* __restrict__ sh, int64_t c) {
-  for (int64_t ch = 0; ch < c; ++ch) {
-    dst[ch] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[ch]), sc[ch], sh[ch])));
+FH_CPU_CLONES_WIDE void apply_rows(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst,
+                                   const acc_t* __restrict__ sc, const acc_t* __restrict__ sh, int64_t c,
+                                   int64_t rows, bool stream) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* __restrict__ x = src + r * c;
+    write_out(stream, dst + r * c, c, [&](int64_t ch) {
+      return static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(x[ch]), sc[ch], sh[ch])));
+    });
   }
 }
 
 template <typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void apply_plane(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, acc_t s, acc_t b,
-                                    int64_t len) {
-  for (int64_t i = 0; i < len; ++i) {
-    dst[i] = static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[i]), s, b)));
-  }
+                                    int64_t len, bool stream) {
+  write_out(stream, dst, len, [&](int64_t i) {
+    return static_cast<scalar_t>(relu_keep_nan(bn_affine(static_cast<acc_t>(src[i]), s, b)));
+  });
 }
 
 // Channels_last rows [0, rows) of the input gradient, one row per pass. (Two rows per pass, loading the five
@@ -420,25 +425,20 @@ FH_CPU_CLONES_WIDE void grad_rows(const scalar_t* __restrict__ gr, const scalar_
                                   scalar_t* __restrict__ dst, const acc_t* __restrict__ sc,
                                   const acc_t* __restrict__ sh, const acc_t* __restrict__ mu,
                                   const acc_t* __restrict__ ca, const acc_t* __restrict__ cb, bool training, int64_t c,
-                                  int64_t rows) {
-  if (!training) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* __restrict__ g = gr + r * c;
-      const scalar_t* __restrict__ x = src + r * c;
-      scalar_t* __restrict__ d = dst + r * c;
-      for (int64_t ch = 0; ch < c; ++ch) {
-        d[ch] = static_cast<scalar_t>(
+                                  int64_t rows, bool stream) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* __restrict__ g = gr + r * c;
+    const scalar_t* __restrict__ x = src + r * c;
+    if (training) {
+      write_out(stream, dst + r * c, c, [&](int64_t ch) {
+        return static_cast<scalar_t>(bn_relu_grad_train(static_cast<acc_t>(g[ch]), static_cast<acc_t>(x[ch]), sc[ch],
+                                                        sh[ch], mu[ch], ca[ch], cb[ch]));
+      });
+    } else {
+      write_out(stream, dst + r * c, c, [&](int64_t ch) {
+        return static_cast<scalar_t>(
             bn_relu_grad_eval(static_cast<acc_t>(g[ch]), static_cast<acc_t>(x[ch]), sc[ch], sh[ch]));
-      }
-    }
-    return;
-  }
-  int64_t r = 0;
-  for (; r < rows; ++r) {
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const int64_t i = r * c + ch;
-      dst[i] = static_cast<scalar_t>(bn_relu_grad_train(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]),
-                                                        sc[ch], sh[ch], mu[ch], ca[ch], cb[ch]));
+      });
     }
   }
 }
@@ -446,16 +446,16 @@ FH_CPU_CLONES_WIDE void grad_rows(const scalar_t* __restrict__ gr, const scalar_
 template <typename scalar_t, typename acc_t>
 FH_CPU_CLONES_WIDE void grad_plane(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ src,
                                    scalar_t* __restrict__ dst, acc_t s, acc_t b, acc_t m, acc_t ka, acc_t kb,
-                                   bool training, int64_t len) {
+                                   bool training, int64_t len, bool stream) {
   if (training) {
-    for (int64_t i = 0; i < len; ++i) {
-      dst[i] = static_cast<scalar_t>(
+    write_out(stream, dst, len, [&](int64_t i) {
+      return static_cast<scalar_t>(
           bn_relu_grad_train(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]), s, b, m, ka, kb));
-    }
+    });
   } else {
-    for (int64_t i = 0; i < len; ++i) {
-      dst[i] = static_cast<scalar_t>(bn_relu_grad_eval(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]), s, b));
-    }
+    write_out(stream, dst, len, [&](int64_t i) {
+      return static_cast<scalar_t>(bn_relu_grad_eval(static_cast<acc_t>(gr[i]), static_cast<acc_t>(src[i]), s, b));
+    });
   }
 }
 
@@ -469,27 +469,16 @@ void bn_relu_apply_impl(const at::Tensor& u, const Geometry& g, const at::Tensor
   const acc_t* sh = shift.const_data_ptr<acc_t>();
   const bool stream = stream_output(2 * u.nbytes());
   if (g.channels_last) {
-    const int64_t chunk_rows = stream ? stream_chunk_rows<scalar_t>(g.c) : g.m;
     at::parallel_for(0, g.m, grain_for(g.c), [&](int64_t begin, int64_t end) {
-      OutputWriter<scalar_t> w(stream, chunk_rows * g.c);
-      for (int64_t r0 = begin; r0 < end; r0 += chunk_rows) {
-        const int64_t r1 = std::min(end, r0 + chunk_rows);
-        scalar_t* t = w.target(o + r0 * g.c);
-        for (int64_t r = r0; r < r1; ++r) apply_row(in + r * g.c, t + (r - r0) * g.c, sc, sh, g.c);
-        w.commit(o + r0 * g.c, (r1 - r0) * g.c);
-      }
+      apply_rows(in + begin * g.c, o + begin * g.c, sc, sh, g.c, end - begin, stream);
+      if (stream) stream_fence();
     });
   } else {
-    const int64_t chunk = stream ? stream_chunk<scalar_t>() : g.hw;
     at::parallel_for(0, g.n * g.c, grain_for(g.hw), [&](int64_t begin, int64_t end) {
-      OutputWriter<scalar_t> w(stream, chunk);
       for (int64_t plane = begin; plane < end; ++plane) {
-        for (int64_t i0 = 0; i0 < g.hw; i0 += chunk) {
-          const int64_t len = std::min(chunk, g.hw - i0), off = plane * g.hw + i0;
-          apply_plane(in + off, w.target(o + off), sc[plane % g.c], sh[plane % g.c], len);
-          w.commit(o + off, len);
-        }
+        apply_plane(in + plane * g.hw, o + plane * g.hw, sc[plane % g.c], sh[plane % g.c], g.hw, stream);
       }
+      if (stream) stream_fence();
     });
   }
 }
@@ -701,28 +690,18 @@ void bn_relu_backward_apply_impl(const at::Tensor& dr, const at::Tensor& u, cons
   const acc_t* mu = mean_buf.data();
   const bool stream = stream_output(3 * u.nbytes());
   if (g.channels_last) {
-    const int64_t chunk_rows = stream ? stream_chunk_rows<scalar_t>(g.c) : g.m;
     at::parallel_for(0, g.m, grain_for(2 * g.c), [&](int64_t begin, int64_t end) {
-      OutputWriter<scalar_t> w(stream, chunk_rows * g.c);
-      for (int64_t r0 = begin; r0 < end; r0 += chunk_rows) {
-        const int64_t rows = std::min(end - r0, chunk_rows), off = r0 * g.c;
-        grad_rows(dr_p + off, u_p + off, w.target(du_p + off), sc, sh, mu, ca, cb, training, g.c, rows);
-        w.commit(du_p + off, rows * g.c);
-      }
+      const int64_t off = begin * g.c;
+      grad_rows(dr_p + off, u_p + off, du_p + off, sc, sh, mu, ca, cb, training, g.c, end - begin, stream);
+      if (stream) stream_fence();
     });
   } else {
-    const int64_t chunk = stream ? stream_chunk<scalar_t>() : g.hw;
     at::parallel_for(0, g.n * g.c, grain_for(2 * g.hw), [&](int64_t begin, int64_t end) {
-      OutputWriter<scalar_t> w(stream, chunk);
       for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t ch = plane % g.c;
-        for (int64_t i0 = 0; i0 < g.hw; i0 += chunk) {
-          const int64_t len = std::min(chunk, g.hw - i0), off = plane * g.hw + i0;
-          grad_plane(dr_p + off, u_p + off, w.target(du_p + off), sc[ch], sh[ch], mu[ch], ca[ch], cb[ch], training,
-                     len);
-          w.commit(du_p + off, len);
-        }
+        const int64_t ch = plane % g.c, off = plane * g.hw;
+        grad_plane(dr_p + off, u_p + off, du_p + off, sc[ch], sh[ch], mu[ch], ca[ch], cb[ch], training, g.hw, stream);
       }
+      if (stream) stream_fence();
     });
   }
 }

@@ -32,23 +32,46 @@ FH_CPU_CLONES void pool_rows_nchw(const scalar_t* __restrict__ in, scalar_t* __r
 }
 
 // Every element of dx is written once: the window's gradient at its argmax, zero at the other three taps.
+// `stream` writes dx with streaming stores, a piece of each input row at a time (see write_out in cpu_utils.h).
 template <typename scalar_t>
 FH_CPU_CLONES void unpool_rows_nchw(const scalar_t* __restrict__ in, const scalar_t* __restrict__ grad,
-                                    scalar_t* __restrict__ dx_out, int64_t rows, int64_t pw) {
+                                    scalar_t* __restrict__ dx_out, int64_t rows, int64_t pw, bool stream) {
   const int64_t in_w = 2 * pw;
+  // Windows per piece: their taps fill half a piece in each of the two input rows.
+  constexpr int64_t kWindows = kStreamPieceBytes / (4 * static_cast<int64_t>(sizeof(scalar_t)));
+  alignas(64) scalar_t piece_top[2 * kWindows];
+  alignas(64) scalar_t piece_bottom[2 * kWindows];
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* top = in + 2 * r * in_w;
     const scalar_t* bottom = top + in_w;
     const scalar_t* g = grad + r * pw;
     scalar_t* d_top = dx_out + 2 * r * in_w;
     scalar_t* d_bottom = d_top + in_w;
-    for (int64_t j = 0; j < pw; ++j) {
-      scalar_t d0, d1, d2, d3;
-      route_grad4(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1], g[j], d0, d1, d2, d3);
-      d_top[2 * j] = d0;
-      d_top[2 * j + 1] = d1;
-      d_bottom[2 * j] = d2;
-      d_bottom[2 * j + 1] = d3;
+    if (!stream) {
+      for (int64_t j = 0; j < pw; ++j) {
+        scalar_t d0, d1, d2, d3;
+        route_grad4(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1], g[j], d0, d1, d2, d3);
+        d_top[2 * j] = d0;
+        d_top[2 * j + 1] = d1;
+        d_bottom[2 * j] = d2;
+        d_bottom[2 * j + 1] = d3;
+      }
+      continue;
+    }
+    for (int64_t j0 = 0; j0 < pw; j0 += kWindows) {
+      const int64_t n = std::min(kWindows, pw - j0);
+      const scalar_t* t = top + 2 * j0;
+      const scalar_t* b = bottom + 2 * j0;
+      for (int64_t j = 0; j < n; ++j) {
+        scalar_t d0, d1, d2, d3;
+        route_grad4(t[2 * j], t[2 * j + 1], b[2 * j], b[2 * j + 1], g[j0 + j], d0, d1, d2, d3);
+        piece_top[2 * j] = d0;
+        piece_top[2 * j + 1] = d1;
+        piece_bottom[2 * j] = d2;
+        piece_bottom[2 * j + 1] = d3;
+      }
+      stream_copy(d_top + 2 * j0, piece_top, static_cast<size_t>(2 * n) * sizeof(scalar_t));
+      stream_copy(d_bottom + 2 * j0, piece_bottom, static_cast<size_t>(2 * n) * sizeof(scalar_t));
     }
   }
 }
@@ -83,25 +106,43 @@ FH_CPU_CLONES void pool_rows_nhwc(const scalar_t* __restrict__ in, scalar_t* __r
 }
 
 // Output pixels [0, npix) of one output row: their windows' taps are at top/bottom + 2x·c and + (2x + 1)·c, and
-// their input-gradient taps at the same offsets from d_top/d_bottom (the two input rows of dx, or, when dx is
-// streamed, the two halves of a buffer).
+// their input-gradient taps at the same offsets from d_top/d_bottom (the two input rows of dx). `stream` writes
+// dx with streaming stores, a block of channels of the four taps at a time (see write_out in cpu_utils.h).
 template <typename scalar_t>
 FH_CPU_CLONES void unpool_pixels_nhwc(const scalar_t* __restrict__ top, const scalar_t* __restrict__ bottom,
                                       const scalar_t* __restrict__ grad, scalar_t* __restrict__ d_top,
-                                      scalar_t* __restrict__ d_bottom, int64_t npix, int64_t c) {
+                                      scalar_t* __restrict__ d_bottom, int64_t npix, int64_t c, bool stream) {
+  // Channels per block: the block's four taps fill one piece.
+  constexpr int64_t kBlock = kStreamPieceBytes / (4 * static_cast<int64_t>(sizeof(scalar_t)));
+  alignas(64) scalar_t piece[4][kBlock];
   for (int64_t x = 0; x < npix; ++x) {
     const scalar_t* t = top + 2 * x * c;
     const scalar_t* b = bottom + 2 * x * c;
     const scalar_t* g = grad + x * c;
     scalar_t* dt = d_top + 2 * x * c;
     scalar_t* db = d_bottom + 2 * x * c;
-    for (int64_t ch = 0; ch < c; ++ch) {
-      scalar_t d0, d1, d2, d3;
-      route_grad4(t[ch], t[ch + c], b[ch], b[ch + c], g[ch], d0, d1, d2, d3);
-      dt[ch] = d0;
-      dt[ch + c] = d1;
-      db[ch] = d2;
-      db[ch + c] = d3;
+    if (!stream) {
+      for (int64_t ch = 0; ch < c; ++ch) {
+        scalar_t d0, d1, d2, d3;
+        route_grad4(t[ch], t[ch + c], b[ch], b[ch + c], g[ch], d0, d1, d2, d3);
+        dt[ch] = d0;
+        dt[ch + c] = d1;
+        db[ch] = d2;
+        db[ch + c] = d3;
+      }
+      continue;
+    }
+    for (int64_t c0 = 0; c0 < c; c0 += kBlock) {
+      const int64_t n = std::min(kBlock, c - c0);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t ch = c0 + k;
+        route_grad4(t[ch], t[ch + c], b[ch], b[ch + c], g[ch], piece[0][k], piece[1][k], piece[2][k], piece[3][k]);
+      }
+      const size_t bytes = static_cast<size_t>(n) * sizeof(scalar_t);
+      stream_copy(dt + c0, piece[0], bytes);
+      stream_copy(dt + c + c0, piece[1], bytes);
+      stream_copy(db + c0, piece[2], bytes);
+      stream_copy(db + c + c0, piece[3], bytes);
     }
   }
 }
@@ -152,34 +193,21 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
     const int64_t pw = in_w / 2;
     const bool stream = stream_output(x.nbytes() * 9 / 4);
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      // Output row r (of N·H/2) reads input rows 2r and 2r + 1, dy = W·C elements apart. Streamed, each chunk of
-      // a row's pixels puts its top taps in the first half of the buffer and its bottom taps in the second.
+      // Output row r (of N·H/2) reads input rows 2r and 2r + 1, dy = W·C elements apart.
       const int64_t dy = in_w * c;
-      const int64_t chunk_pix = stream ? std::max<int64_t>(1, stream_chunk<scalar_t>() / (4 * c)) : pw;
       at::parallel_for(0, n * in_h / 2, grain_for(2 * dy), [&](int64_t begin, int64_t end) {
-        OutputWriter<scalar_t> w(stream, 4 * chunk_pix * c);
         for (int64_t r = begin; r < end; ++r) {
-          for (int64_t x0 = 0; x0 < pw; x0 += chunk_pix) {
-            const int64_t npix = std::min(chunk_pix, pw - x0), half = 2 * npix * c, top = 2 * r * dy + 2 * x0 * c;
-            scalar_t* d_top = w.target(d + top);
-            scalar_t* d_bottom = w.streaming() ? d_top + half : d + top + dy;
-            unpool_pixels_nhwc(in + top, in + top + dy, g + (r * pw + x0) * c, d_top, d_bottom, npix, c);
-            w.commit(d + top, half);
-            w.commit(d + top + dy, half, half);
-          }
+          const int64_t top = 2 * r * dy;
+          unpool_pixels_nhwc(in + top, in + top + dy, g + r * pw * c, d + top, d + top + dy, pw, c, stream);
         }
+        if (stream) stream_fence();
       });
     } else {
-      // Output row r (of N·C·H/2) reads the 2·W input elements from 2r·W on; chunks of whole output rows.
-      const int64_t row_elems = 2 * in_w, rows = n * c * in_h / 2;
-      const int64_t chunk_rows = stream ? std::max<int64_t>(1, stream_chunk<scalar_t>() / row_elems) : rows;
-      at::parallel_for(0, rows, grain_for(row_elems), [&](int64_t begin, int64_t end) {
-        OutputWriter<scalar_t> w(stream, chunk_rows * row_elems);
-        for (int64_t r = begin; r < end; r += chunk_rows) {
-          const int64_t count = std::min(chunk_rows, end - r);
-          unpool_rows_nchw(in + r * row_elems, g + r * pw, w.target(d + r * row_elems), count, pw);
-          w.commit(d + r * row_elems, count * row_elems);
-        }
+      // Output row r (of N·C·H/2) reads the 2·W input elements from 2r·W on.
+      const int64_t row_elems = 2 * in_w;
+      at::parallel_for(0, n * c * in_h / 2, grain_for(row_elems), [&](int64_t begin, int64_t end) {
+        unpool_rows_nchw(in + begin * row_elems, g + begin * pw, d + begin * row_elems, end - begin, pw, stream);
+        if (stream) stream_fence();
       });
     }
   });
