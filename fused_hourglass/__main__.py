@@ -62,7 +62,7 @@ def info(args: argparse.Namespace) -> int:
         print(f"  {device} kernels: {', '.join(have) if have else 'none'}")
     if _ext.HAS_EXTENSION:
         cache = torch.ops.fused_hourglass._cpu_last_level_cache_bytes()
-        print(f"  cpu last-level cache {cache / 2**20:g} MiB: element-wise passes touching at least "
+        print(f"  cpu last-level cache {cache / 2**20:g} MiB: element-wise passes touching more than "
               f"{cache / 2**21:g} MiB write with streaming stores (FH_NONTEMPORAL_STORES=0/1 overrides)")
     print(f"triton: {_triton_status()}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -619,9 +619,9 @@ def test_composite_ops_equal_the_ops_they_compose(dtype, channels_last, shape):
 @pytest.mark.parametrize("shape", [(2, 7, 50, 47), (2, 2100, 3, 3), (1, 3, 1, 5)],
                          ids=["planes-longer-than-a-piece", "rows-longer-than-a-piece", "tiny"])
 def test_streaming_stores_write_the_same_bits(monkeypatch, dtype, channels_last, shape):
-    """The element-wise passes write through non-temporal stores when their data fill half the last-level cache
-    (FH_NONTEMPORAL_STORES=1 forces it): the outputs are bit for bit those of ordinary stores, also where pieces
-    end mid-plane, a row is longer than a piece, and planes start off 16-byte alignment."""
+    """The element-wise passes write through non-temporal stores when their data fill more than half the last-level
+    cache (FH_NONTEMPORAL_STORES=1 forces it): the outputs are bit for bit those of ordinary stores, also where
+    pieces end mid-plane, a row is longer than a piece, and planes start off 16-byte alignment."""
     u = make_input(shape, dtype, channels_last, offset=0.5)
     g = make_input(shape, dtype, channels_last, seed=3, offset=0.0)
     c = shape[1]

@@ -154,7 +154,7 @@ def test_property_matches_max_pool2d(n, c, h, w, dtype, channels_last, ties, see
                          ids=["nchw-rows-across-pieces", "cl-window-longer-than-a-piece", "cl-row-across-pieces",
                               "cl-odd-c", "one-window"])
 def test_streaming_stores_match_max_pool2d(monkeypatch, dtype, shape, channels_last):
-    """The backward writes dx through non-temporal stores when its data fill half the last-level cache
+    """The backward writes dx through non-temporal stores when its data fill more than half the last-level cache
     (FH_NONTEMPORAL_STORES=1 forces it), with the same gradient as F.max_pool2d's."""
     monkeypatch.setenv("FH_NONTEMPORAL_STORES", "1")
     gen = torch.Generator().manual_seed(5)
