@@ -53,13 +53,16 @@ class BnReLUFunction : public torch::autograd::Function<BnReLUFunction> {
     ctx->save_for_backward({u, scale, shift, mean, invstd, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())});
     save_bn_relu_flags(ctx, training || !running_mean.has_value(), weight, bias);
     ctx->mark_non_differentiable({scale, shift, mean, invstd});
+    // The four vectors never get a gradient: without this, every backward would first allocate zeros for them.
+    ctx->set_materialize_grads(false);
     return {r, scale, shift, mean, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return variable_list(8);  // no gradient reached r: none for any input
     const BnReLUNeeds need = bn_relu_needs(ctx);
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& grad = grads[0];
     const bool grad_mode = at::GradMode::is_enabled();
     at::NoGradGuard no_grad;
     variable_list out = bn_relu_grads(ctx, grad, saved, need);
