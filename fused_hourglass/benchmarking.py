@@ -8,6 +8,7 @@ memory-bound op. Ratios to the copy are what to read: absolute times depend on t
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,35 +24,53 @@ HOURGLASS_SIDES = (8, 16, 32, 64)
 SYSFS_CPU0_CACHE = "/sys/devices/system/cpu/cpu0/cache"
 
 
-def _parse_cache_size(text: str) -> int:
-    """A sysfs cache size ("32768K", "1M", "512") in bytes; 0 when unreadable."""
-    text = text.strip()
-    digits = len(text) - len(text.lstrip("0123456789"))
-    if digits == 0:
+_SYSFS_NUMBER = re.compile(r"([0-9]+)([KMG]?)")
+
+
+def _read_sysfs_text(path: str) -> str | None:
+    """The first line of a small sysfs file without surrounding blanks; None when it cannot be opened."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.readline(63).strip(" \t\n")
+    except OSError:
+        return None
+
+
+def _parse_sysfs_number(text: str, suffix: bool) -> int:
+    """Decimal digits, optionally followed by K, M or G when `suffix` ("32768K"); 0 for anything else (and for
+    more than 2**32 before the suffix)."""
+    match = _SYSFS_NUMBER.fullmatch(text)
+    if match is None or (match.group(2) and not suffix) or int(match.group(1)) > 1 << 32:
         return 0
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[digits:digits + 1], 1)
-    return int(text[:digits]) * scale
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+
+
+def sysfs_cache_bytes(cache_dir: str) -> int:
+    """The size of the highest cache level in a sysfs cache directory (/sys/devices/system/cpu/cpuN/cache):
+    entries index0, index1, ... up to the first without a `level` file; the last entry of the highest level
+    wins; entries whose level or size do not parse are skipped. 0 when none does. The CPU kernels read the same
+    way (csrc/ops/cpu/cpu_utils.h)."""
+    best, best_level = 0, 0
+    index = 0
+    while True:
+        entry = os.path.join(cache_dir, f"index{index}")
+        index += 1
+        level_text = _read_sysfs_text(os.path.join(entry, "level"))
+        if level_text is None:
+            return best
+        size_text = _read_sysfs_text(os.path.join(entry, "size"))
+        if size_text is None:
+            continue
+        level, size = _parse_sysfs_number(level_text, False), _parse_sysfs_number(size_text, True)
+        if level > 0 and size > 0 and level >= best_level:
+            best, best_level = size, level
 
 
 def last_level_cache_bytes(cache_dir: str = SYSFS_CPU0_CACHE) -> int:
     """The size of CPU 0's highest cache level, as the CPU kernels find it for their streaming-store rule
     (csrc/ops/cpu/cpu_utils.h): Linux's sysfs first (glibc's sysconf derives the L3 from CPUID, which virtual
     machines can misreport: 320 MiB for a 32 MiB L3 on one 2-vCPU EPYC guest), else sysconf, else 32 MiB."""
-    best, best_level = 0, 0
-    try:
-        entries = [e for e in os.listdir(cache_dir) if e.startswith("index") and e[5:].isdigit()]
-    except OSError:
-        entries = []
-    for entry in sorted(entries, key=lambda e: int(e[5:])):
-        try:
-            with open(os.path.join(cache_dir, entry, "level")) as f:
-                level = int(f.read().strip())
-            with open(os.path.join(cache_dir, entry, "size")) as f:
-                size = _parse_cache_size(f.read())
-        except (OSError, ValueError):
-            continue
-        if level > 0 and size > 0 and level >= best_level:
-            best, best_level = size, level
+    best = sysfs_cache_bytes(cache_dir)
     if best > 0:
         return best
     try:

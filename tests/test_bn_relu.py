@@ -614,10 +614,11 @@ def test_composite_ops_equal_the_ops_they_compose(dtype, channels_last, shape):
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 7, 50, 47), (2, 2100, 3, 3), (1, 3, 1, 5)],
-                         ids=["planes-longer-than-a-piece", "rows-longer-than-a-piece", "tiny"])
+@pytest.mark.parametrize("shape", [(2, 7, 50, 47), (2, 2100, 3, 3), (2, 64, 9, 9), (4, 16, 64, 64), (1, 3, 1, 5)],
+                         ids=["planes-longer-than-a-piece", "rows-longer-than-a-piece", "whole-pieces", "two-threads",
+                              "tiny"])
 def test_streaming_stores_write_the_same_bits(monkeypatch, dtype, channels_last, shape):
     """The element-wise passes write through non-temporal stores when their data fill more than half the last-level
     cache (FH_NONTEMPORAL_STORES=1 forces it): the outputs are bit for bit those of ordinary stores, also where

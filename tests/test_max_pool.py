@@ -147,12 +147,15 @@ def test_property_matches_max_pool2d(n, c, h, w, dtype, channels_last, ties, see
     assert_same(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("shape", "channels_last"), [((2, 3, 66, 70), False), ((1, 1100, 4, 2), True),
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("shape", "channels_last"), [((2, 3, 66, 70), False), ((2, 3, 4, 64), False),
+                                                      ((2, 64, 64, 64), False), ((1, 1100, 4, 2), True),
                                                       ((2, 200, 4, 14), True), ((3, 5, 6, 10), True),
+                                                      ((1, 64, 4, 6), True), ((4, 64, 64, 64), True),
                                                       ((1, 1, 2, 2), False)],
-                         ids=["nchw-rows-across-pieces", "cl-window-longer-than-a-piece", "cl-row-across-pieces",
-                              "cl-odd-c", "one-window"])
+                         ids=["nchw-rows-across-pieces", "nchw-whole-pieces", "nchw-two-threads",
+                              "cl-window-longer-than-a-piece", "cl-row-across-pieces", "cl-odd-c", "cl-whole-blocks",
+                              "cl-two-threads", "one-window"])
 def test_streaming_stores_match_max_pool2d(monkeypatch, dtype, shape, channels_last):
     """The backward writes dx through non-temporal stores when its data fill more than half the last-level cache
     (FH_NONTEMPORAL_STORES=1 forces it), with the same gradient as F.max_pool2d's."""

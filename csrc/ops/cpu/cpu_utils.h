@@ -52,53 +52,74 @@ inline int64_t grain_for(int64_t elems_per_item) {
 //
 // When: a pass streams when it touches more than half the last-level cache. Measured on that machine (32 MiB
 // L3) at N = 4, 64 px: a BN-ReLU training step at C = 128 ran 9-10% faster back to back, and 0-8% faster from
-// cold caches, with its input gradient (25 MiB touched) streamed; the forward alone (16 MiB: input and output
-// fit the L3 together when it runs back to back) ran 1.2-1.7x slower with its output streamed, so half the
-// cache stays cached. At C = 256 (32-50 MiB) streaming won in every case measured; at 32 px and below it made
-// no difference, or can only send to DRAM an output that the next layer would read from cache.
+// cold caches, with its input gradient (24 MiB touched) streamed; its forward alone (16 MiB, exactly half: input
+// and output fit the L3 together when it runs back to back) ran 1.2-1.7x slower with its output streamed, hence
+// "more than half" (a rule set at that boundary: on a machine whose cache is a little smaller, that forward
+// streams). At C = 256 (32-48 MiB) streaming won in every case measured; at 32 px and below (at most 12 MiB) it
+// made no difference, and smaller passes can only send to DRAM an output the next layer would read from cache.
 //
 // FH_NONTEMPORAL_STORES=0 never streams, =1 always does (the tests use it on small tensors); unset, the rule
 // above applies. The variable is read at every call, so it can be changed at run time.
 
-// Parses a sysfs cache size ("32768K", "1M", "512"); 0 when unreadable.
-inline int64_t parse_cache_size(const char* text) {
-  char* end = nullptr;
-  const long long value = std::strtoll(text, &end, 10);
-  if (end == text || value <= 0) return 0;
-  switch (*end) {
-    case 'K': return static_cast<int64_t>(value) << 10;
-    case 'M': return static_cast<int64_t>(value) << 20;
-    case 'G': return static_cast<int64_t>(value) << 30;
-    default: return static_cast<int64_t>(value);
-  }
+// The first line of a small sysfs file without surrounding blanks; false when the file cannot be opened.
+inline bool read_sysfs_text(const std::string& path, std::string& text) {
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  if (f == nullptr) return false;
+  char buf[64] = {};
+  const bool read = std::fgets(buf, sizeof(buf), f) != nullptr;
+  std::fclose(f);
+  text = read ? buf : "";
+  const size_t first = text.find_first_not_of(" \t\n");
+  text = first == std::string::npos ? "" : text.substr(first, text.find_last_not_of(" \t\n") - first + 1);
+  return true;
 }
 
-// The size of the highest cache level of CPU 0: from Linux's sysfs, else sysconf, else 32 MiB. Sysfs comes
-// first because glibc's sysconf derives the L3 from CPUID, which virtual machines can misreport (a 2-vCPU
-// EPYC guest whose sysfs and lscpu give 32 MiB has sysconf report 320 MiB).
+// Parses decimal digits, optionally followed by K, M or G when `suffix` ("32768K"); 0 for anything else (and for
+// more than 2^32 before the suffix).
+inline int64_t parse_sysfs_number(const std::string& text, bool suffix) {
+  size_t i = 0;
+  int64_t value = 0;
+  for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
+    value = value * 10 + (text[i] - '0');
+    if (value > (int64_t(1) << 32)) return 0;
+  }
+  if (i == 0) return 0;
+  int shift = 0;
+  if (suffix && i + 1 == text.size()) {
+    shift = text[i] == 'K' ? 10 : text[i] == 'M' ? 20 : text[i] == 'G' ? 30 : -1;
+    if (shift < 0) return 0;
+    ++i;
+  }
+  return i == text.size() ? value << shift : 0;
+}
+
+// The size of the highest cache level in a sysfs cache directory (/sys/devices/system/cpu/cpuN/cache): entries
+// index0, index1, ... up to the first without a `level` file; the last entry of the highest level wins; entries
+// whose level or size do not parse are skipped. 0 when none does. fused_hourglass/benchmarking.py reads the same
+// way (tests/test_cpu_info.py runs both on the same trees).
+inline int64_t sysfs_cache_bytes(const std::string& cache_dir) {
+  int64_t best = 0, best_level = 0;
+  for (int index = 0;; ++index) {
+    const std::string dir = cache_dir + "/index" + std::to_string(index) + "/";
+    std::string level_text, size_text;
+    if (!read_sysfs_text(dir + "level", level_text)) break;
+    if (!read_sysfs_text(dir + "size", size_text)) continue;
+    const int64_t level = parse_sysfs_number(level_text, false), size = parse_sysfs_number(size_text, true);
+    if (level > 0 && size > 0 && level >= best_level) {
+      best = size;
+      best_level = level;
+    }
+  }
+  return best;
+}
+
+// The size of CPU 0's highest cache level: from Linux's sysfs, else sysconf, else 32 MiB. Sysfs comes first
+// because glibc's sysconf derives the L3 from CPUID, which virtual machines can misreport (a 2-vCPU EPYC guest
+// whose sysfs and lscpu give 32 MiB has sysconf report 320 MiB).
 inline int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
-    int64_t best = 0;
-    int best_level = 0;
-    for (int index = 0; index < 16; ++index) {
-      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-      int level = 0;
-      char text[32] = {};
-      if (std::FILE* f = std::fopen((dir + "level").c_str(), "r")) {
-        if (std::fscanf(f, "%d", &level) != 1) level = 0;
-        std::fclose(f);
-      }
-      if (std::FILE* f = std::fopen((dir + "size").c_str(), "r")) {
-        if (std::fgets(text, sizeof(text), f) == nullptr) text[0] = '\0';
-        std::fclose(f);
-      }
-      const int64_t size = parse_cache_size(text);
-      if (level > 0 && size > 0 && level >= best_level) {
-        best = size;
-        best_level = level;
-      }
-    }
-    if (best > 0) return best;
+    const int64_t from_sysfs = sysfs_cache_bytes("/sys/devices/system/cpu/cpu0/cache");
+    if (from_sysfs > 0) return from_sysfs;
     long l3 = -1;
 #ifdef _SC_LEVEL3_CACHE_SIZE
     l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
@@ -154,9 +175,12 @@ inline void stream_fence() {
 // Bytes per streamed piece (see above).
 constexpr int64_t kStreamPieceBytes = 256;
 
-// dst[i] = value(i) for i in [0, n): with ordinary stores, or (stream) a piece at a time through an L1 buffer
-// copied out with streaming stores; the caller fences (stream_fence) before its output is read. Inlined into
-// the target_clones loops that call it, so value's loop is vectorised for each clone's ISA.
+// dst[i] = value(i) for i in [0, n), a piece at a time: with ordinary stores, or (stream) through an L1 buffer
+// copied out with streaming stores; the caller fences (stream_fence) before its output is read. Both modes run the
+// same loop over the same pieces, only the destination differs, so they compute bit for bit the same values (two
+// separate loops may contract a·b + c into fused multiply-adds differently: a float16 input gradient differed in
+// the last bit). Inlined into the target_clones loops that call it, so value's loop is vectorised for each
+// clone's ISA.
 #if defined(__GNUC__)
 #define FH_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -164,16 +188,13 @@ constexpr int64_t kStreamPieceBytes = 256;
 #endif
 template <typename scalar_t, typename Value>
 FH_ALWAYS_INLINE void write_out(bool stream, scalar_t* __restrict__ dst, int64_t n, const Value& value) {
-  if (!stream) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = value(i);
-    return;
-  }
   constexpr int64_t kPiece = kStreamPieceBytes / static_cast<int64_t>(sizeof(scalar_t));
   alignas(64) scalar_t piece[kPiece];
   for (int64_t i0 = 0; i0 < n; i0 += kPiece) {
     const int64_t len = std::min(kPiece, n - i0);
-    for (int64_t j = 0; j < len; ++j) piece[j] = value(i0 + j);
-    stream_copy(dst + i0, piece, static_cast<size_t>(len) * sizeof(scalar_t));
+    scalar_t* __restrict__ out = stream ? piece : dst + i0;
+    for (int64_t j = 0; j < len; ++j) out[j] = value(i0 + j);
+    if (stream) stream_copy(dst + i0, piece, static_cast<size_t>(len) * sizeof(scalar_t));
   }
 }
 
