@@ -5,9 +5,10 @@ Backends:
   "reference"  plain PyTorch, exactly `fused_hourglass.reference`.
   "fused"      the compiled C++/CUDA ops (`fused_hourglass.ops`) around ATen/cuDNN convolutions: every
                Residual runs as three `bn_relu_conv2d` steps that save the BN inputs, not the activations;
-               pools are `max_pool2x2` (no saved indices); the hourglass merge is one `upsample_add`.
+               the convolutions followed by BatchNorm and ReLU (the stem, each stack's features) end in one
+               `bn_relu`; pools are `max_pool2x2` (no saved indices); the hourglass merge is one `upsample_add`.
   "triton"     CUDA: every Residual is the Triton BN-ReLU-prologue conv chain (`fused_hourglass.triton`), the
-               hourglass merge folded into up1's last convolution; pools as "fused".
+               hourglass merge folded into up1's last convolution; pools and `bn_relu` as "fused".
   "auto"       "triton" for CUDA inputs when Triton is available and the model is float32, float16 or
                bfloat16, else "fused" when the extension has kernels for the input's device, else "reference".
 """
@@ -43,6 +44,19 @@ def _bn_relu_conv(bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d, u: torch.Tens
     running_mean, running_var, training, momentum = module_statistics_arguments(bn)
     return ops.bn_relu_conv2d(u, bn.weight, bn.bias, running_mean, running_var, training, momentum, bn.eps,
                               conv.weight, conv.bias, conv.padding[0])
+
+
+class Conv(reference.Conv):
+    """Reference convolution; when followed by BatchNorm and ReLU (the stem and each stack's features), those two
+    run as one `bn_relu` (saving the convolution's output only) unless in reference mode."""
+
+    mode = "reference"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "reference" or self.bn is None or self.relu is None:
+            return super().forward(x)
+        bn = self.bn
+        return ops.bn_relu(self.conv(x), bn.weight, bn.bias, *module_statistics_arguments(bn), bn.eps)
 
 
 class Residual(reference.Residual):
@@ -88,7 +102,7 @@ class Hourglass(reference.Hourglass):
         return ops.upsample_add(low3, self.up1(x))
 
 
-_MODAL = (Residual, Pool, Hourglass)
+_MODAL = (Conv, Residual, Pool, Hourglass)
 
 
 @torch.compiler.assume_constant_result
@@ -112,6 +126,7 @@ class StackedHourglass(reference.StackedHourglass):
     residual_cls = Residual
     hourglass_cls = Hourglass
     pool_cls = Pool
+    conv_cls = Conv
 
     def __init__(self, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 16, bn: bool = False, increase: int = 0,
                  *, backend: str = "auto", input_format: str = "NCHW") -> None:

@@ -136,6 +136,7 @@ class StackedHourglass(nn.Module):
     residual_cls = Residual
     hourglass_cls = Hourglass
     pool_cls = Pool
+    conv_cls = Conv  # the convolutions followed by BatchNorm and ReLU (the stem, each stack's features)
 
     def __init__(self, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 16, bn: bool = False, increase: int = 0,
                  *, input_format: str = "NCHW") -> None:
@@ -151,7 +152,7 @@ class StackedHourglass(nn.Module):
         self.input_format = input_format
         block = self.residual_cls
         self.pre = nn.Sequential(
-            Conv(3, 64, 7, 2, bn=True, relu=True),
+            self.conv_cls(3, 64, 7, 2, bn=True, relu=True),
             block(64, 128),
             self.pool_cls(2, 2),
             block(128, 128),
@@ -160,7 +161,7 @@ class StackedHourglass(nn.Module):
         self.hgs = nn.ModuleList([nn.Sequential(self.hourglass_cls(HOURGLASS_DEPTH, inp_dim, bn, increase))
                                   for _ in range(nstack)])
         self.features = nn.ModuleList([
-            nn.Sequential(block(inp_dim, inp_dim), Conv(inp_dim, inp_dim, 1, bn=True, relu=True))
+            nn.Sequential(block(inp_dim, inp_dim), self.conv_cls(inp_dim, inp_dim, 1, bn=True, relu=True))
             for _ in range(nstack)
         ])
         self.outs = nn.ModuleList([Conv(inp_dim, oup_dim, 1, relu=False, bn=False) for _ in range(nstack)])
