@@ -2,9 +2,10 @@
 copy of the input (`u.clone()`, the memory-traffic yardstick: one read and one write of u).
 
 Each configuration's rows share a pytest-benchmark group, and the terminal summary gives every row as a ratio to
-the group's copy. Default: N = 4, C ∈ {128, 256}, 16 and 64 px, both layouts, warm and cold cache (see
-benchmarks/conftest.py: warm rows run back to back, cold rows start with their tensors in DRAM; at 64 px the warm
-copy runs largely from L3 while a training step's four tensors cannot). FH_BENCH_FULL=1 sweeps 8/16/32/64 px.
+the group's copy. Default: N = 4, C ∈ {128, 256}, 16 and 64 px, both layouts, warm, cold and dram cache (see
+benchmarks/conftest.py: warm rows run back to back; cold rows start with everything in DRAM, code included; dram
+rows with only their input tensors in DRAM; at 64 px the warm copy runs largely from L3 while a training step's
+four tensors cannot). FH_BENCH_FULL=1 sweeps 8/16/32/64 px.
 The torch.compile rows only run when timing (--benchmark-only): compiling takes far longer than the smoke mode
 (--benchmark-disable) should.
 
@@ -27,7 +28,7 @@ N = 4
 CHANNELS = (128, 256)
 SIDES = (8, 16, 32, 64) if os.environ.get("FH_BENCH_FULL") == "1" else (16, 64)
 LAYOUTS = ("nchw", "channels_last")
-CACHES = ("warm", "cold")
+CACHES = ("warm", "cold", "dram")
 
 config = pytest.mark.parametrize(("c", "side", "layout", "cache"), [
     pytest.param(c, s, lay, cache, id=f"C{c}-{s}px-{lay}-{cache}")
@@ -46,7 +47,12 @@ def copy_into(t: torch.Tensor):
     memory traffic alone, whatever state the allocator is in."""
     src = t.detach()
     dst = src.clone()  # written once here, so no round pays its first-touch page faults
-    return lambda: dst.copy_(src)
+
+    def copy():
+        return dst.copy_(src)
+
+    copy.tensors = (src, dst)  # the dram rows flush both: a copy from DRAM to DRAM
+    return copy
 
 
 def eager_bn_relu(c: int) -> nn.Module:
@@ -75,7 +81,7 @@ def test_bn_relu_forward(benchmark, timed, impl, c, side, layout, cache):
     fn = bn_relu_impl(impl, c, benchmark)
     u = make_u(c, side, layout)
     fn(u)  # warm-up (and compilation)
-    out = timed(lambda: fn(u), cache, yardstick=copy_into(u))
+    out = timed(lambda: fn(u), cache, yardstick=copy_into(u), tensors=(u,))
     assert out.shape == u.shape
 
 
@@ -96,7 +102,7 @@ def test_bn_relu_forward_backward(benchmark, timed, impl, c, side, layout, cache
         return y
 
     step()
-    out = timed(step, cache, yardstick=copy_into(u))
+    out = timed(step, cache, yardstick=copy_into(u), tensors=(u, grad))
     assert out.shape == u.shape
 
 
@@ -119,5 +125,5 @@ def test_max_pool_forward_backward(benchmark, timed, impl, c, side, layout, cach
         return x.grad
 
     step()
-    out = timed(step, cache, yardstick=copy_into(x))
+    out = timed(step, cache, yardstick=copy_into(x), tensors=(x, grad))
     assert out.shape == x.shape

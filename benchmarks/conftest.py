@@ -1,16 +1,20 @@
 """Benchmark helpers: cold-cache timing, and a closing table of each row's min time as a ratio to its group's copy.
 
-Cold cache: before every timed call, a buffer of twice the last-level cache is read and written, so the call starts
-with its tensors in DRAM, as an activation of a real network does when its layer runs again in backward. Warm rows
-call the same function back to back; at hourglass sizes the copy yardstick then runs largely from the last-level
-cache (a 16 MiB clone's source and destination together just fit a 32 MiB L3), while a fused training step's four
-tensors (twice those bytes) cannot, so only rows of the same cache state are comparable.
+Cache states. Warm rows call the same function back to back; at hourglass sizes the copy yardstick then runs
+largely from the last-level cache (a 16 MiB clone's source and destination together just fit a 32 MiB L3), while a
+fused training step's four tensors (twice those bytes) cannot, so only rows of the same cache state are comparable.
+Cold rows read and write a buffer of twice the last-level cache before every timed call: everything starts in
+DRAM, the code and the interpreter's and autograd's own data included, and the caches are full of dirty lines.
+Dram rows flush only the call's input tensors from the caches (clflush, through the extension): the tensors start
+in DRAM, as a layer's saved activations do when backward reaches them, while code and interpreter state stay
+cached, as they do in a network that runs them all the time. Memory the allocator hands back may still be cached
+in both, as it is in a network.
 
 Ratios: every group with a yardstick row (`impl` "clone" or "copy") gets a line in the terminal summary giving each
 row's min time divided by the yardstick's min time. Ratios are what compare across machines and runs. The memory
 system of a shared machine drifts between rows (a cold 16 MiB copy has measured anywhere from 580 to 900 µs in
-one session). So cold rows also time, in every round and between evictions, a copy of the same bytes into a
-tensor allocated once (no allocator in the way), and report the ratio of the two medians ("paired").
+one session). So cold and dram rows also time, in every round and prepared the same way, a copy of the same bytes
+into a tensor allocated once (no allocator in the way), and report the ratio of the two medians ("paired").
 
 Allocator: glibc returns freed multi-megabyte blocks to the kernel and faults their pages in again on the next
 allocation, in some rounds and not others, which moved a 16 MiB clone between 1x and 6.6x a copy into a ready
@@ -33,6 +37,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from fused_hourglass import _ext
 from fused_hourglass.benchmarking import last_level_cache_bytes
 
 YARDSTICKS = ("clone", "copy")
@@ -78,20 +83,42 @@ def evict_caches() -> None:
     _evict_buffer.add_(1.0)
 
 
-def run_benchmark(benchmark, fn: Callable, cache: str, yardstick: Callable | None = None,
+def flush_tensors(tensors) -> None:
+    """Write back and evict every cache line of the tensors' storage (the "dram" rows): their next access comes
+    from DRAM while code and interpreter state stay cached. Falls back to evict_caches without the extension."""
+    flush = getattr(torch.ops.fused_hourglass, "_cpu_flush_cache_lines", None) if _ext.HAS_EXTENSION else None
+    if flush is None:
+        evict_caches()
+        return
+    for t in tensors:
+        if t is not None:
+            flush(t)
+
+
+CACHES = ("warm", "cold", "dram")
+
+
+def run_benchmark(benchmark, fn: Callable, cache: str, yardstick: Callable | None = None, tensors=(),
                   target_seconds: float = 1.0):
-    """Time fn() with pytest-benchmark; cache "warm" calls it back to back, "cold" evicts the caches before each
-    call (outside the timed region), with enough rounds for about target_seconds of timed calls (the evictions,
-    two of at least 64 MiB per round with a yardstick, add to the wall time). With a cold cache and
-    a yardstick, every round also times one yardstick call from cold caches, and extra_info gets the ratio of
-    fn's median to the yardstick's ("ratio_to_paired_copy")."""
+    """Time fn() with pytest-benchmark. cache "warm" calls it back to back; "cold" evicts the caches before each
+    call, "dram" flushes `tensors` (fn's inputs) from them (both outside the timed region), with enough rounds
+    for about target_seconds of timed calls. With a yardstick (cold and dram), every round also times one
+    yardstick call prepared the same way (its `tensors` attribute flushed for dram), and extra_info gets the
+    ratio of fn's median to the yardstick's ("ratio_to_paired_copy")."""
     if cache == "warm":
         return benchmark(fn)
-    if cache != "cold":
-        raise ValueError(f"cache must be 'warm' or 'cold', got {cache!r}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if benchmark.disabled:  # smoke run: one call, nothing timed
         return benchmark.pedantic(fn)
-    evict_caches()
+
+    def prepare(ts):
+        if cache == "cold":
+            evict_caches()
+        else:
+            flush_tensors(ts)
+
+    prepare(tensors)
     start = time.perf_counter()
     fn()
     once = time.perf_counter() - start
@@ -100,11 +127,11 @@ def run_benchmark(benchmark, fn: Callable, cache: str, yardstick: Callable | Non
 
     def setup():
         if yardstick is not None:
-            evict_caches()
+            prepare(getattr(yardstick, "tensors", ()))
             t0 = time.perf_counter()
             yardstick()
             yardstick_times.append(time.perf_counter() - t0)
-        evict_caches()
+        prepare(tensors)
 
     result = benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
     if len(yardstick_times) > 1:
@@ -116,8 +143,8 @@ def run_benchmark(benchmark, fn: Callable, cache: str, yardstick: Callable | Non
 
 @pytest.fixture
 def timed(benchmark):
-    """timed(fn, cache, yardstick=None): run_benchmark bound to this test's benchmark fixture."""
-    return lambda fn, cache, yardstick=None: run_benchmark(benchmark, fn, cache, yardstick)
+    """timed(fn, cache, yardstick=None, tensors=()): run_benchmark bound to this test's benchmark fixture."""
+    return lambda fn, cache, yardstick=None, tensors=(): run_benchmark(benchmark, fn, cache, yardstick, tensors)
 
 
 @pytest.fixture(autouse=True)

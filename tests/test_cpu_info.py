@@ -76,3 +76,21 @@ def test_without_sysfs_falls_back_to_sysconf_then_32_mib(tmp_path, monkeypatch, 
 def test_compiled_kernels_find_the_same_size_here():
     """What the kernels use on this machine is what the benchmarks' cache eviction is sized by."""
     assert torch.ops.fused_hourglass._cpu_last_level_cache_bytes() == last_level_cache_bytes()
+
+
+@requires_extension
+@pytest.mark.parametrize("make", [lambda: torch.randn(3, 5, 7, 9), lambda: torch.randn(4, 6, 8)[:, ::2, 1:],
+                                  lambda: torch.empty(0), lambda: torch.arange(10, dtype=torch.int64)],
+                         ids=["contiguous", "strided-view", "empty", "int64"])
+def test_flushing_cache_lines_leaves_the_values(make):
+    """The benchmarks' "dram" rows flush their inputs from the caches; the data must come back unchanged."""
+    t = make()
+    before = t.clone()
+    torch.ops.fused_hourglass._cpu_flush_cache_lines(t)
+    assert torch.equal(t, before)
+
+
+@requires_extension
+def test_flushing_needs_a_cpu_tensor():
+    with pytest.raises(ValueError, match="t must be a CPU tensor, got one on meta"):
+        torch.ops.fused_hourglass._cpu_flush_cache_lines(torch.empty(4, device="meta"))
