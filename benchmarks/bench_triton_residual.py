@@ -27,12 +27,16 @@ requires_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and ft.AVAILABL
 
 @pytest.mark.parametrize("n, c, side, dtype_bytes", [(32, 256, 64, 2), (32, 256, 4, 2), (1, 64, 8, 4)])
 def test_bytes_moved_table(n, c, side, dtype_bytes, capsys):
-    """The analytic table: fused moves fewer bytes than eager in every pass."""
+    """The analytic table: fused moves fewer bytes than eager in every pass, and the printed summary (captured;
+    `python -m fused_hourglass.triton.bytes_moved` shows it) says the same."""
     table = bytes_moved_table(n, c, side, side, dtype_bytes)
-    with capsys.disabled():
-        main([str(v) for v in (n, c, side, side, dtype_bytes)])
+    main([str(v) for v in (n, c, side, side, dtype_bytes)])
+    printed = {fields[0]: fields[1:] for line in capsys.readouterr().out.splitlines()
+               if len(fields := line.split()) == 4 and fields[0] in table}
     for pass_, row in table.items():
         assert 0 < row["fused"] < row["unfused"], pass_
+        unfused_mb, fused_mb, _ = (float(v) for v in printed[pass_])
+        assert abs(unfused_mb - row["unfused"] / 1e6) <= 0.05 and abs(fused_mb - row["fused"] / 1e6) <= 0.05, pass_
     act = n * side * side * c * dtype_bytes
     assert table["forward"]["fused"] == 6 * act and table["forward"]["unfused"] == 17 * act
 

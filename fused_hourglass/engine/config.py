@@ -1,0 +1,115 @@
+"""Training configuration: one flat dataclass, two presets, and the rules for overriding them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SYNTHETIC_VAL_SEED = 1_000_003  # the held-out synthetic images: a seed no training run uses by default
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in every checkpoint as "train_config"."""
+
+    preset: str = "demo"
+    # data
+    data: str = "synthetic"  # "synthetic" | "mpii"
+    annotations: str | None = None  # MPII training annotations (h5)
+    val_annotations: str | None = None  # MPII validation annotations (h5)
+    images: str | None = None  # MPII image folder
+    train_size: int = 200_000  # synthetic training images (each seen at most once in a demo run)
+    val_size: int = 256  # held-out images used by the periodic validation
+    res: int = 128  # input side in pixels (heatmaps are res/4)
+    sigma: float | None = None  # heatmap Gaussian σ in heatmap pixels; None: the port's res/4/64
+    # model
+    nstack: int = 2
+    inp_dim: int = 64
+    oup_dim: int = 16
+    increase: int = 0
+    backend: str = "fused"
+    channels_last: bool = True
+    # optimisation
+    batch_size: int = 16
+    lr: float = 2.5e-3
+    schedule: str = "onecycle"  # "onecycle" (warm-up then cosine to 0) | "step" (the port's: lr -> lr_drop_to)
+    lr_drop_step: int = 100_000
+    lr_drop_to: float = 2e-4
+    steps: int = 500
+    amp: bool = False
+    # running
+    device: str = "auto"
+    workers: int = 1
+    seed: int = 0
+    out: str = "runs/demo"
+    log_every: int = 10
+    val_every: int = 100
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A small model on SyntheticPoses, sized for about five minutes on two CPU cores.
+    "demo": {},
+    # The published port's recipe: 8 stacks of 256 features, 256 px input, batch 16, Adam at 1e-3 dropped to 2e-4
+    # after 100k iterations, 200k iterations in all.
+    "mpii": {
+        "data": "mpii", "res": 256, "nstack": 8, "inp_dim": 256, "batch_size": 16, "lr": 1e-3, "schedule": "step",
+        "lr_drop_step": 100_000, "lr_drop_to": 2e-4, "steps": 200_000, "workers": 4, "val_size": 2958,
+        "log_every": 50, "val_every": 5_000, "checkpoint_every": 1_000, "keep_last": 3, "out": "runs/mpii",
+    },
+}
+
+# Options that may differ from the checkpoint's on --resume: they do not change what is computed.
+RESUMABLE_OVERRIDES = ("steps", "workers", "out", "log_every", "val_every", "checkpoint_every", "keep_last", "device")
+
+
+def from_preset(preset: str, **overrides: Any) -> TrainConfig:
+    """The preset's configuration with every non-None override applied."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown training option {unknown[0]!r}")
+    config = TrainConfig(preset=preset, **values)
+    validate(config)
+    return config
+
+
+def validate(c: TrainConfig) -> None:
+    """Raise a ValueError naming the option for any value a run cannot start with."""
+    positive = ("train_size", "val_size", "res", "nstack", "inp_dim", "oup_dim", "batch_size", "steps", "log_every",
+                "val_every", "checkpoint_every", "keep_last")
+    for name in positive:
+        value = getattr(c, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if c.res % 64:
+        raise ValueError(f"--res must be a multiple of 64 (the network's input side), got {c.res}")
+    if c.inp_dim % 2 or c.inp_dim < 2:
+        raise ValueError(f"--inp-dim must be an even number (the bottleneck halves it), got {c.inp_dim}")
+    if not c.lr > 0:
+        raise ValueError(f"--lr must be positive, got {c.lr}")
+    if c.sigma is not None and not c.sigma > 0:
+        raise ValueError(f"--sigma must be positive, got {c.sigma}")
+    if c.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {c.workers}")
+    if c.data not in ("synthetic", "mpii"):
+        raise ValueError(f"--data must be 'synthetic' or 'mpii', got {c.data!r}")
+    if c.schedule not in ("onecycle", "step"):
+        raise ValueError(f"--schedule must be 'onecycle' or 'step', got {c.schedule!r}")
+    if c.backend not in ("auto", "reference", "fused", "triton"):
+        raise ValueError(f"--backend must be one of auto, reference, fused, triton; got {c.backend!r}")
+    if c.amp and c.backend != "reference":
+        raise ValueError(f"--amp: mixed precision runs on --backend reference for now (the fused and triton kernels "
+                         f"take one dtype throughout); got --backend {c.backend}")
+    if c.data == "mpii":
+        for name in ("annotations", "images"):
+            if not getattr(c, name):
+                raise ValueError(f"--data mpii needs --{name} (see the README's 'Preparing MPII' section)")

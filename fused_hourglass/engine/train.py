@@ -1,0 +1,321 @@
+"""The training loop: model, Adam, learning-rate schedule, resumable data order, periodic validation, logging,
+atomic checkpoints that carry every RNG state, and a clean stop on SIGINT/SIGTERM at the next step boundary."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..checkpoint import CheckpointError, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
+from .config import RESUMABLE_OVERRIDES, TrainConfig, validate
+
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "pckh_mpii", "pckh_all16")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, a checkpoint that does not belong to the run)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}, "
+                         f"CUDA {torch.version.cuda})")
+    return dev
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint file given as itself or as a run directory (its newest step checkpoint)."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for d in (os.path.join(path, "checkpoints"), path):
+            steps = sorted(glob.glob(os.path.join(d, "step-*.pt")), key=_step_of)
+            if steps:
+                return steps[-1]
+        raise FileNotFoundError(f"--resume {path}: no step-*.pt checkpoint in it or in its checkpoints/ folder")
+    raise FileNotFoundError(f"--resume {path}: no such file or directory")
+
+
+def _step_of(path: str) -> int:
+    m = re.search(r"step-(\d+)\.pt$", path)
+    return int(m.group(1)) if m else -1
+
+
+def resume_config(checkpoint: dict[str, Any], path: str, overrides: dict[str, Any]) -> TrainConfig:
+    """The checkpoint's training configuration with the overrides that do not change what is computed."""
+    saved = checkpoint.get("train_config")
+    if not isinstance(saved, dict) or "step" not in checkpoint or not checkpoint.get("optimizer"):
+        raise CheckpointError(f"{path}: not a training checkpoint of this package (it has no train_config, step and "
+                              f"optimizer state), so a run cannot resume from it; to start a run from its weights, "
+                              f"use it with StackedHourglass.from_checkpoint in your own loop")
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    for name, value in overrides.items():
+        if value is None or name == "preset":
+            continue
+        if name in RESUMABLE_OVERRIDES:
+            setattr(config, name, value)
+        elif getattr(config, name) != value:
+            raise ValueError(f"--{name.replace('_', '-')} {value!r} differs from the checkpoint's "
+                             f"{getattr(config, name)!r}; a resumed run keeps what it computes (only "
+                             f"{', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OVERRIDES)} may change)")
+    validate(config)
+    return config
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    if config.schedule == "step":
+        drop = config.lr_drop_to / config.lr
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 if s < config.lr_drop_step else drop)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps,
+                                               pct_start=0.15, div_factor=10.0, final_div_factor=100.0)
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handlers that ask the loop to stop at the next step boundary; a second SIGINT interrupts at
+    once. The previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self) -> _StopRequest:
+        if _is_main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _CsvLog:
+    """log.csv of every logged step; on resume, rows past the checkpoint's step (written after it by a run that
+    then died) are dropped, so the log reads as one run."""
+
+    def __init__(self, path: str, start_step: int) -> None:
+        self.path = path
+        rows = []
+        if start_step and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_log(path: str) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+
+def _say(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stdout)
+
+
+def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[int], None] | None = None,
+          progress: bool | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns its summary (also written to OUT/summary.json).
+
+    `resume`: a checkpoint file or a run directory; the run continues exactly where the checkpoint was written
+    (model, optimizer, schedule, step, RNG states, data order). `on_step(step)` is called after every step.
+    `progress`: show a tqdm bar (None: when stderr is a terminal)."""
+    from tqdm import tqdm
+
+    from .. import HeatmapLoss, StackedHourglass
+    from .data import make_source, train_loader, val_loader
+    from .evaluate import pckh_on
+
+    checkpoint = None
+    if resume is not None:
+        resume = find_checkpoint(resume)
+        checkpoint = load_checkpoint(resume)
+        config = resume_config(checkpoint, resume, overrides or {})
+    validate(config)
+    device = resolve_device(config.device)
+    out = config.out
+    ckpt_dir = os.path.join(out, "checkpoints")
+    os.makedirs(ckpt_dir, exist_ok=True)
+
+    if checkpoint is None:
+        import random
+
+        import numpy as np
+
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+    source = make_source(config)  # before the model: a missing image folder fails before any work
+    model = StackedHourglass(config.nstack, config.inp_dim, config.oup_dim, increase=config.increase,
+                             backend=config.backend).to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = build_scheduler(optimizer, config)
+    start, best, elapsed_before = 0, None, 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start, best = int(checkpoint["step"]), checkpoint.get("best_pckh")
+        elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
+        set_rng_state(checkpoint["rng"])
+        if start >= config.steps:
+            _say(f"{resume} is at step {start}, not before --steps {config.steps}: nothing to train")
+    loss_fn = HeatmapLoss()
+    loader, sampler = train_loader(source, config, start, pin_memory=device.type == "cuda")
+    val = val_loader(source, config)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16) \
+        if config.amp else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
+    if scaler is not None and checkpoint is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+
+    def save(step: int, name: str | None = None) -> str:
+        path = os.path.join(ckpt_dir, name or f"step-{step:08d}.pt")
+        save_checkpoint(path, model, optimizer, epoch=sampler.epoch_of(step), step=step,
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                        rng=rng_state(), train_config=config.to_dict(), best_pckh=best,
+                        elapsed_s=elapsed_before + time.perf_counter() - run_start)
+        return path
+
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    log = _CsvLog(os.path.join(out, "log.csv"), start)
+    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, disable=progress is False
+               if progress is not None else None, leave=True)
+    if progress:
+        bar.disable = False
+    _say(f"training StackedHourglass(nstack={config.nstack}, inp_dim={config.inp_dim}) on {config.data} at "
+         f"{config.res} px, batch {config.batch_size}, backend {model.resolve_backend(device)}, {device}, "
+         f"steps {start}..{config.steps}; writing to {out}")
+    status, done = "finished", start
+    interval_loss, interval_images, interval_seconds = 0.0, 0, 0.0
+    run_start = time.perf_counter()
+    last_saved = None
+    try:
+        with _StopRequest() as stop:
+            batches = iter(loader)
+            for step in range(start, config.steps):
+                tick = time.perf_counter()
+                batch = source.prepare(next(batches), device, step)
+                images = batch["image"].contiguous(memory_format=memory_format)
+                lr = optimizer.param_groups[0]["lr"]
+                with amp:
+                    loss = loss_fn(model(images).float(), batch["heatmaps"])
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                scheduler.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise TrainingError(f"the loss became {value} at step {step + 1}; the last checkpoint "
+                                        f"({last_saved or 'none written yet'}) is intact: lower --lr and resume")
+                done = step + 1
+                # images/s counts the steps themselves (data wait included), not validation or checkpoints
+                interval_seconds += time.perf_counter() - tick
+                interval_loss += value * images.shape[0]
+                interval_images += images.shape[0]
+                rate = interval_images / max(interval_seconds, 1e-9)
+                bar.set_postfix(loss=f"{value:.2e}", img_s=f"{rate:.1f}", refresh=False)
+                bar.update(1)
+                row = None
+                if done % config.log_every == 0 or done == config.steps:
+                    row = {"step": done, "epoch": sampler.epoch_of(step), "loss": interval_loss / interval_images,
+                           "lr": lr, "images_per_s": round(rate, 3),
+                           "elapsed_s": round(elapsed_before + time.perf_counter() - run_start, 3)}
+                    interval_loss, interval_images, interval_seconds = 0.0, 0, 0.0
+                if done % config.val_every == 0 or done == config.steps:
+                    result = pckh_on(model, val, source, device, channels_last=config.channels_last)
+                    row = row or {"step": done, "epoch": sampler.epoch_of(step)}
+                    row.update(pckh_mpii=round(result["mpii"], 5), pckh_all16=round(result["all16"], 5))
+                    _say(f"step {done}: validation PCKh@0.5 {100 * result['mpii']:.1f} % (MPII mean, w/o pelvis "
+                         f"and thorax), {100 * result['all16']:.1f} % (all 16 joints) on {len(source.val_set)} "
+                         f"held-out images")
+                    if best is None or result["mpii"] > best:
+                        best = result["mpii"]
+                        save(done, "best.pt")
+                if row is not None:
+                    log.write(row)
+                if on_step is not None:
+                    on_step(done)
+                if done % config.checkpoint_every == 0 or done == config.steps or stop.signal is not None:
+                    last_saved = save(done)
+                    prune_checkpoints(ckpt_dir, config.keep_last)
+                if stop.signal is not None:
+                    status = "interrupted"
+                    _say(f"{signal.Signals(stop.signal).name}: stopped after step {done}; checkpoint {last_saved}; "
+                         f"continue with --resume {out}")
+                    break
+    finally:
+        bar.close()
+        log.close()
+    seconds = elapsed_before + time.perf_counter() - run_start
+    summary = {"status": status, "step": done, "best_pckh_mpii": best, "seconds": round(seconds, 2),
+               "checkpoint": last_saved, "out": out, "config": config.to_dict()}
+    rows = read_log(os.path.join(out, "log.csv"))
+    rates = [r["images_per_s"] for r in rows if "images_per_s" in r]
+    if rates:
+        summary["images_per_s_median"] = sorted(rates)[len(rates) // 2]
+    last_val = [r for r in rows if "pckh_mpii" in r]
+    if last_val:
+        summary["final_pckh_mpii"], summary["final_pckh_all16"] = last_val[-1]["pckh_mpii"], last_val[-1]["pckh_all16"]
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if status == "finished":
+        best_path = os.path.join(ckpt_dir, "best.pt")
+        if os.path.exists(best_path):
+            shutil.copyfile(best_path, os.path.join(out, "model.pt"))
+        from .plots import plot_curves, plot_sample_prediction
+
+        for note in (plot_curves(rows, os.path.join(out, "curves.png")),
+                     plot_sample_prediction(model, source, device, os.path.join(out, "prediction.png"),
+                                            channels_last=config.channels_last)):
+            _say(note)
+    return summary
