@@ -235,3 +235,43 @@ def test_command_line_sigterm_exits_zero_and_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     assert_same_state(final_state(tmp_path / "split"), final_state(tmp_path / "whole"))
+
+
+MPII_H5 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mpii_valid.h5"
+
+
+@pytest.mark.skipif(not MPII_H5.is_file(), reason=f"MPII validation annotations not found at {MPII_H5}")
+def test_mpii_training_and_evaluation_on_a_made_up_image_folder(tmp_path, capsys):
+    """The MPII path end to end: real annotations of 8 people, noise JPEGs in their names (the real images are not
+    here), batched augmentation on the device, validation and `evaluate --data mpii` mapping back to image pixels."""
+    import h5py
+    import numpy as np
+    from PIL import Image
+
+    from fused_hourglass.data import MPIIAnnotations
+
+    sub = MPIIAnnotations(MPII_H5).subset(range(8))
+    h5 = tmp_path / "eight.h5"
+    with h5py.File(MPII_H5, "r") as src, h5py.File(h5, "w") as dst:
+        for key in src:
+            dst[key] = src[key][:8]
+    images = tmp_path / "images"
+    images.mkdir()
+    extent = torch.maximum(sub.part.amax(1), sub.center) + 40
+    rng = np.random.default_rng(0)
+    for name, (w, h) in zip(sub.imgname, extent.ceil().long().tolist(), strict=True):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / name, quality=60)
+    config = from_preset("demo", data="mpii", annotations=str(h5), images=str(images), out=str(tmp_path / "run"),
+                         nstack=1, inp_dim=16, res=64, batch_size=2, val_size=4, steps=3, val_every=3, log_every=1,
+                         checkpoint_every=3, workers=0)
+    summary = train(config, progress=False)
+    assert summary["status"] == "finished" and 0.0 <= summary["final_pckh_mpii"] <= 1.0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", "mpii", "--annotations", str(h5),
+                 "--images", str(images), "--json", str(tmp_path / "e.json")]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["data"] == "mpii" and report["images"] == 8 and report["res"] == 64
+    (images / sub.imgname[3]).unlink()
+    assert main(["train", "--data", "mpii", "--annotations", str(h5), "--images", str(images), "--out",
+                 str(tmp_path / "r2")]) == 2
+    assert sub.imgname[3] in capsys.readouterr().err

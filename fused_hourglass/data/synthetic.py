@@ -116,15 +116,17 @@ def _draw_capsule(image: np.ndarray, a: np.ndarray, b: np.ndarray, radius: float
 
 def render(seed: int, index: int, res: int = 128) -> dict[str, np.ndarray]:
     """Draw sample `index` of the data set seeded with `seed`: image [res, res, 3] float32 in [0, 1], joints
-    [16, 2] float32 (x, y) in pixels, visible [16] float32, normalize (float)."""
+    [16, 2] float32 (x, y) in pixels, visible [16] float32, normalize (float), and parts [res, res] int64: the
+    figure's part drawn on top at each pixel (an index into the parts table, -1 for background)."""
     rng = np.random.default_rng([int(seed), int(index)])
-    # Figure: rotated by U(-30°, 30°), the unit scaled so the figure is 0.55-0.8 of the image, then shrunk if its
-    # limbs reach out of the image, and placed at random where it fits with a margin.
+    # Figure: rotated by U(-30°, 30°), the unit scaled so the figure is 0.65-0.85 of the image (MPII's crops frame
+    # a person at 0.8 of the box), then shrunk if its limbs reach out of the image, and placed at random where it
+    # fits with a margin.
     joints = _skeleton(rng)
     rot = math.radians(rng.uniform(-30.0, 30.0))
     rmat = np.array([[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]])
     joints = joints @ rmat.T
-    unit = rng.uniform(0.55, 0.8) * res
+    unit = rng.uniform(0.65, 0.85) * res
     margin = 0.05 * res + 0.06 * unit
     extent = joints.max(0) - joints.min(0)
     unit = min(unit, float(np.min((res - 2 * margin) / np.maximum(extent, 1e-6))))
@@ -139,7 +141,7 @@ def render(seed: int, index: int, res: int = 128) -> dict[str, np.ndarray]:
     top, bottom = _colour(rng).astype(np.float32), _colour(rng).astype(np.float32)
     ramp = np.linspace(0.0, 1.0, res, dtype=np.float32)[:, None, None]
     image = np.broadcast_to(top + (bottom - top) * ramp, (res, res, 3)).copy()
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(2, 8))):
         a = rng.uniform(0, res, size=2)
         if rng.random() < 0.5:
             _draw_capsule(image, a, a + rng.normal(0, 0.25 * res, size=2), rng.uniform(0.01, 0.04) * res, _colour(rng))
@@ -167,7 +169,8 @@ def render(seed: int, index: int, res: int = 128) -> dict[str, np.ndarray]:
     visible = np.array([on_top[j] in _JOINT_PARTS[j] for j in range(NUM_JOINTS)], dtype=np.float32)
     head_side = 1.2 * float(np.linalg.norm(joints[HEAD] - joints[NECK]))
     normalize = 0.6 * math.sqrt(2.0) * head_side
-    return {"image": image, "joints": joints.astype(np.float32), "visible": visible, "normalize": normalize}
+    return {"image": image, "joints": joints.astype(np.float32), "visible": visible, "normalize": normalize,
+            "parts": top_part}
 
 
 class SyntheticPoses(Dataset):

@@ -81,6 +81,7 @@ def tensor_to_pil(image: torch.Tensor):
 def plot_sample_prediction(model, source, device, path: str, *, channels_last: bool = False, count: int = 4) -> str:
     """Predictions of the model on the first `count` held-out images, each beside its heatmaps, as one PNG."""
     from PIL import Image
+    from torch.utils.data import default_collate
 
     from .evaluate import predict_heatmaps
 
@@ -88,7 +89,8 @@ def plot_sample_prediction(model, source, device, path: str, *, channels_last: b
     model.eval()
     try:
         samples = [source.val_set[i] for i in range(min(count, len(source.val_set)))]
-        images = torch.stack([s["image"] for s in samples]).float().to(device)
+        batch = (source.collate or default_collate)(samples)
+        images = source.prepare(batch, device, 0, train=False)["image"]  # the crops the model sees
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         heat = predict_heatmaps(model, images).float()
@@ -96,7 +98,7 @@ def plot_sample_prediction(model, source, device, path: str, *, channels_last: b
     finally:
         model.train(was_training)
     tiles = [prediction_figure(tensor_to_pil(images[i]), coords[i].cpu().numpy(), conf[i].cpu().numpy(), heat[i],
-                               max_side=256) for i in range(len(samples))]
+                               max_side=256) for i in range(len(images))]
     sheet = Image.new("RGB", (max(t.size[0] for t in tiles), sum(t.size[1] + 8 for t in tiles) - 8), (255,) * 3)
     y = 0
     for t in tiles:
