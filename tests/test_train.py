@@ -275,3 +275,20 @@ def test_mpii_training_and_evaluation_on_a_made_up_image_folder(tmp_path, capsys
     assert main(["train", "--data", "mpii", "--annotations", str(h5), "--images", str(images), "--out",
                  str(tmp_path / "r2")]) == 2
     assert sub.imgname[3] in capsys.readouterr().err
+
+
+def test_evaluate_and_predict_take_the_ports_checkpoint_format(tmp_path, capsys):
+    """A file laid out as the port's released ones ({'state_dict', 'optimizer', 'epoch'}, keys prefixed
+    `model.module.`, no training options) works unchanged; --res gives its input side."""
+    model = StackedHourglass(1, 16, 16)
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": {f"model.module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": {"state": {}, "param_groups": []}, "epoch": 12}, path)
+    assert main(["evaluate", "--checkpoint", str(path), "--res", "64", "-n", "4"]) == 0
+    assert "at 64 px" in capsys.readouterr().out
+    from PIL import Image
+
+    Image.new("RGB", (70, 50), (120, 30, 200)).save(tmp_path / "flat.jpg")
+    assert main(["predict", "--checkpoint", str(path), "--res", "64", str(tmp_path / "flat.jpg"), "--out",
+                 str(tmp_path / "p"), "--flip"]) == 0
+    assert len(json.loads((tmp_path / "p" / "flat.json").read_text())["keypoints"]) == 16
