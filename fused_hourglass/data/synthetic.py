@@ -73,15 +73,15 @@ def _skeleton(rng: np.random.Generator) -> np.ndarray:
     down = lean + math.pi
     for side, (hip, knee, ankle) in ((1, (R_HIP, R_KNEE, R_ANKLE)), (-1, (L_HIP, L_KNEE, L_ANKLE))):
         # Outward is toward the person's own side: counter-clockwise from "down" for the right leg.
-        kick = rng.random() < 0.15
-        outward = rng.uniform(deg(20), deg(95)) if kick else rng.uniform(deg(-12), deg(35))
-        bend = rng.uniform(deg(-70), deg(15))
+        kick = rng.random() < 0.1
+        outward = rng.uniform(deg(20), deg(70)) if kick else rng.uniform(deg(-10), deg(30))
+        bend = rng.uniform(deg(-50), deg(10))
         a = down - side * outward
         j[knee] = j[hip] + thigh * _unit(a)
         j[ankle] = j[knee] + shin * _unit(a - side * bend)
     for side, (shoulder, elbow, wrist) in ((1, (R_SHOULDER, R_ELBOW, R_WRIST)), (-1, (L_SHOULDER, L_ELBOW, L_WRIST))):
-        outward = rng.uniform(deg(-25), deg(170))
-        bend = rng.uniform(deg(-140), deg(40))
+        outward = rng.uniform(deg(-15), deg(120))
+        bend = rng.uniform(deg(-100), deg(20))
         a = down - side * outward
         j[elbow] = j[shoulder] + upper * _unit(a)
         j[wrist] = j[elbow] + fore * _unit(a - side * bend)
@@ -160,7 +160,9 @@ def render(seed: int, index: int, res: int = 128) -> dict[str, np.ndarray]:
             else:
                 ja, jb, r, group = _PARTS[part]
                 a, b, radius = joints[ja], joints[jb], r * unit
-            _draw_capsule(image, a, b, radius, groups[group], top_part, part)
+            # a darker rim, as a silhouette's edge, so that parts of one colour stay apart where they overlap
+            _draw_capsule(image, a, b, radius, 0.55 * groups[group], top_part, part)
+            _draw_capsule(image, a, b, radius - max(1.0, 0.2 * radius), groups[group])
     image += np.float32(0.03) * rng.standard_normal(size=image.shape, dtype=np.float32)
     np.clip(image, 0.0, 1.0, out=image)
 

@@ -109,6 +109,15 @@ def make_source(config: TrainConfig, with_train: bool = True) -> SyntheticSource
     return (SyntheticSource if config.data == "synthetic" else MPIISource)(config, with_train)
 
 
+def _worker_init(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to the training process, which stops at a step boundary and then
+    shuts them down (a terminal's Ctrl-C and a scheduler's SIGTERM reach the whole process group)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_loader(source, config: TrainConfig, start_step: int, *, num_replicas: int = 1, rank: int = 0,
                  pin_memory: bool = False) -> tuple[DataLoader, ResumableBatchSampler]:
     sampler = ResumableBatchSampler(len(source.train_set), config.batch_size, config.seed, start_step,
@@ -116,7 +125,8 @@ def train_loader(source, config: TrainConfig, start_step: int, *, num_replicas: 
     loader = DataLoader(source.train_set, batch_sampler=sampler, num_workers=config.workers,
                         collate_fn=source.collate, pin_memory=pin_memory,
                         persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers > 0 else None,
-                        generator=torch.Generator().manual_seed(config.seed))
+                        generator=torch.Generator().manual_seed(config.seed),
+                        worker_init_fn=_worker_init if config.workers > 0 else None)
     return loader, sampler
 
 

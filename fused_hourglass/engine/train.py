@@ -71,6 +71,9 @@ def resume_config(checkpoint: dict[str, Any], path: str, overrides: dict[str, An
     for name, value in overrides.items():
         if value is None or name == "preset":
             continue
+        if name == "steps" and config.schedule == "onecycle" and value != config.steps:
+            raise ValueError(f"--steps {value} differs from the checkpoint's {config.steps}: the onecycle learning-"
+                             f"rate schedule is fixed by the run's length (the step schedule can be extended)")
         if name in RESUMABLE_OVERRIDES:
             setattr(config, name, value)
         elif getattr(config, name) != value:
@@ -223,10 +226,8 @@ def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
     log = _CsvLog(os.path.join(out, "log.csv"), start)
-    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, disable=progress is False
-               if progress is not None else None, leave=True)
-    if progress:
-        bar.disable = False
+    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True,
+               disable=None if progress is None else not progress)
     _say(f"training StackedHourglass(nstack={config.nstack}, inp_dim={config.inp_dim}) on {config.data} at "
          f"{config.res} px, batch {config.batch_size}, backend {model.resolve_backend(device)}, {device}, "
          f"steps {start}..{config.steps}; writing to {out}")
@@ -234,6 +235,7 @@ def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[
     interval_loss, interval_images, interval_seconds = 0.0, 0, 0.0
     run_start = time.perf_counter()
     last_saved = None
+    batches = None
     try:
         with _StopRequest() as stop:
             batches = iter(loader)
@@ -296,6 +298,11 @@ def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[
     finally:
         bar.close()
         log.close()
+        # Workers ignore SIGTERM (the stop belongs to this process), so they are shut down here, through the
+        # loader's own path, rather than left to multiprocessing's exit handler, whose SIGTERM they would ignore.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
     seconds = elapsed_before + time.perf_counter() - run_start
     summary = {"status": status, "step": done, "best_pckh_mpii": best, "seconds": round(seconds, 2),
                "checkpoint": last_saved, "out": out, "config": config.to_dict()}
