@@ -136,7 +136,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-annotations", metavar="H5", help="MPII validation annotations (default: --annotations)")
     g.add_argument("--images", metavar="DIR", help="folder of MPII images")
     g.add_argument("--res", type=int, help=f"input side in pixels, a multiple of 64 ({d('res')})")
-    g.add_argument("--sigma", type=float, help="heatmap Gaussian σ in heatmap pixels (default: the port's res/4/64)")
+    g.add_argument("--sigma", type=float, help=f"heatmap Gaussian σ in heatmap pixels ({d('sigma')}; None is the "
+                   f"port's (res/4)/64)")
     g.add_argument("--train-size", type=int, help=f"synthetic training images ({d('train_size')})")
     g.add_argument("--val-size", type=int, help=f"held-out images for the periodic validation ({d('val_size')})")
     g.add_argument("--workers", type=int, help=f"data loader processes ({d('workers')})")

@@ -33,13 +33,13 @@ _PARTS = (
     (R_SHOULDER, L_SHOULDER, 0.05, "shirt"),
     (THORAX, NECK, 0.035, "skin"),
     (R_HIP, R_KNEE, 0.048, "trousers"),
-    (R_KNEE, R_ANKLE, 0.038, "trousers"),
+    (R_KNEE, R_ANKLE, 0.045, "trousers"),
     (L_HIP, L_KNEE, 0.048, "trousers"),
-    (L_KNEE, L_ANKLE, 0.038, "trousers"),
-    (R_SHOULDER, R_ELBOW, 0.036, "shirt"),
-    (R_ELBOW, R_WRIST, 0.029, "skin"),
-    (L_SHOULDER, L_ELBOW, 0.036, "shirt"),
-    (L_ELBOW, L_WRIST, 0.029, "skin"),
+    (L_KNEE, L_ANKLE, 0.045, "trousers"),
+    (R_SHOULDER, R_ELBOW, 0.045, "shirt"),
+    (R_ELBOW, R_WRIST, 0.04, "skin"),
+    (L_SHOULDER, L_ELBOW, 0.045, "shirt"),
+    (L_ELBOW, L_WRIST, 0.04, "skin"),
 )
 _HEAD_PART = len(_PARTS)  # drawn as a disc between the upper neck and the head top
 # Limb chains drawn as units in a random depth order: torso block, head, each leg, each arm.
@@ -93,25 +93,32 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
 
 
 def _draw_capsule(image: np.ndarray, a: np.ndarray, b: np.ndarray, radius: float, colour: np.ndarray,
-                  labels: np.ndarray | None = None, label: int = 0) -> None:
+                  labels: np.ndarray | None = None, label: int = 0, rim: np.ndarray | None = None) -> None:
     """Blend an anti-aliased capsule from a to b (pixels, (x, y)) into image [H, W, 3] in place, working on its
-    bounding box only; where it covers at least half a pixel, write `label` into labels [H, W]."""
+    bounding box only; with `rim`, its outer fifth (at least a pixel) takes that colour, as a silhouette's edge.
+    Where it covers at least half a pixel, write `label` into labels [H, W]."""
     h, w = image.shape[:2]
     x0, y0 = np.floor(np.minimum(a, b) - radius - 1).astype(int)
     x1, y1 = np.ceil(np.maximum(a, b) + radius + 2).astype(int)
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if x0 >= x1 or y0 >= y1:
         return
-    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     ab = (b - a).astype(np.float32)
-    apx, apy = xs - np.float32(a[0]), ys - np.float32(a[1])
-    t = np.clip((apx * ab[0] + apy * ab[1]) / max(float(ab @ ab), 1e-9), 0.0, 1.0)
+    apx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(a[0])
+    apy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(a[1])
+    t = (apx * ab[0] + apy * ab[1]) * np.float32(1.0 / max(float(ab @ ab), 1e-9))
+    np.clip(t, 0.0, 1.0, out=t)
     d = np.hypot(apx - t * ab[0], apy - t * ab[1])
-    alpha = np.clip(np.float32(radius + 0.5) - d, 0.0, 1.0)
     box = image[y0:y1, x0:x1]
-    box += alpha[..., None] * (colour.astype(np.float32) - box)
+    outer = np.minimum(np.maximum(np.float32(radius + 0.5) - d, 0.0), 1.0)
+    if rim is not None:
+        box += outer[..., None] * (rim.astype(np.float32) - box)
+        inner = np.minimum(np.maximum(np.float32(radius + 0.5 - max(1.0, 0.2 * radius)) - d, 0.0), 1.0)
+        box += inner[..., None] * (colour.astype(np.float32) - box)
+    else:
+        box += outer[..., None] * (colour.astype(np.float32) - box)
     if labels is not None:
-        labels[y0:y1, x0:x1][alpha >= 0.5] = label
+        labels[y0:y1, x0:x1][outer >= 0.5] = label
 
 
 def render(seed: int, index: int, res: int = 128) -> dict[str, np.ndarray]:
@@ -161,8 +168,7 @@ def render(seed: int, index: int, res: int = 128) -> dict[str, np.ndarray]:
                 ja, jb, r, group = _PARTS[part]
                 a, b, radius = joints[ja], joints[jb], r * unit
             # a darker rim, as a silhouette's edge, so that parts of one colour stay apart where they overlap
-            _draw_capsule(image, a, b, radius, 0.55 * groups[group], top_part, part)
-            _draw_capsule(image, a, b, radius - max(1.0, 0.2 * radius), groups[group])
+            _draw_capsule(image, a, b, radius, groups[group], top_part, part, rim=0.55 * groups[group])
     image += np.float32(0.03) * rng.standard_normal(size=image.shape, dtype=np.float32)
     np.clip(image, 0.0, 1.0, out=image)
 

@@ -98,12 +98,13 @@ def plot_sample_prediction(model, source, device, path: str, *, channels_last: b
     finally:
         model.train(was_training)
     tiles = [prediction_figure(tensor_to_pil(images[i]), coords[i].cpu().numpy(), conf[i].cpu().numpy(), heat[i],
-                               max_side=256) for i in range(len(images))]
-    sheet = Image.new("RGB", (max(t.size[0] for t in tiles), sum(t.size[1] + 8 for t in tiles) - 8), (255,) * 3)
-    y = 0
-    for t in tiles:
-        sheet.paste(t, (0, y))
-        y += t.size[1] + 8
+                               max_side=192) for i in range(len(images))]
+    columns = 2 if len(tiles) > 1 else 1
+    rows = (len(tiles) + columns - 1) // columns
+    w, h = max(t.size[0] for t in tiles), max(t.size[1] for t in tiles)
+    sheet = Image.new("RGB", (columns * (w + 16) - 16, rows * (h + 16) - 16), (255,) * 3)
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % columns) * (w + 16), (i // columns) * (h + 16)))
     sheet.save(path)
     return f"wrote {path} (predictions on held-out images, with their heatmaps)"
 
