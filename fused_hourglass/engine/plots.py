@@ -39,11 +39,12 @@ def draw_skeleton(image, coords: np.ndarray, confidence: np.ndarray | None = Non
 
 
 def heatmap_image(heatmaps: torch.Tensor, size: tuple[int, int]):
-    """The joints' heatmaps [J, h, w] summed, clipped to [0, 1] and coloured (black-red-yellow-white), resized
-    to `size` (w, h) as a PIL image."""
+    """The joints' heatmaps [J, h, w] summed (negative values as 0), divided by their maximum when that exceeds 1
+    (overlapping joints), coloured black-red-yellow-white and resized to `size` (w, h), as a PIL image."""
     from PIL import Image
 
-    h = heatmaps.float().clamp_min(0).sum(0).clamp(0, 1).cpu().numpy()
+    h = heatmaps.float().clamp_min(0).sum(0)
+    h = (h / h.max().clamp_min(1.0)).cpu().numpy()
     rgb = np.stack([np.clip(3 * h, 0, 1), np.clip(3 * h - 1, 0, 1), np.clip(3 * h - 2, 0, 1)], -1)
     return Image.fromarray((rgb * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
 
