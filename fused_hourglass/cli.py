@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("synthetic", "mpii"), default="synthetic", help="default: synthetic")
     p.add_argument("--annotations", metavar="H5", help="MPII annotations (with --data mpii)")
     p.add_argument("--images", metavar="DIR", help="MPII image folder (with --data mpii)")
-    p.add_argument("-n", type=int, default=500, help="held-out synthetic images (default: 500)")
+    p.add_argument("-n", type=int, help="images evaluated (default: 500 held-out synthetic ones; every MPII entry)")
     p.add_argument("--batch-size", type=int, default=32, help="default: 32")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON here")
     p.set_defaults(func=evaluate)

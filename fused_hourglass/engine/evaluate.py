@@ -57,10 +57,10 @@ def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(checkpoint: str, *, data: str = "synthetic", annotations: str | None = None, images: str | None = None,
-             flip: bool = False, n: int = 500, batch_size: int = 32, device: str = "auto", backend: str = "fused",
-             res: int | None = None, out_json: str | None = None) -> dict[str, Any]:
-    """PCKh table (printed) and a JSON of the same, for a checkpoint on held-out synthetic images (default, at the
-    checkpoint's resolution) or on MPII annotations with their images."""
+             flip: bool = False, n: int | None = None, batch_size: int = 32, device: str = "auto",
+             backend: str = "fused", res: int | None = None, out_json: str | None = None) -> dict[str, Any]:
+    """PCKh table (printed) and a JSON of the same, for a checkpoint on `n` held-out synthetic images (default
+    500, at the checkpoint's resolution) or on MPII annotations with their images (default: every entry)."""
     from .. import StackedHourglass
     from ..checkpoint import load_checkpoint
     from .data import make_source, val_loader
@@ -71,6 +71,10 @@ def evaluate(checkpoint: str, *, data: str = "synthetic", annotations: str | Non
     saved = obj.get("train_config") if isinstance(obj.get("train_config"), dict) else {}
     res = res or saved.get("res") or 256  # the port's released models take 256 px crops
     model = StackedHourglass.from_checkpoint(obj, backend=backend).to(dev).eval()
+    if n is None:
+        n = 500 if data == "synthetic" else 10**9  # every MPII entry
+    if n < 1:
+        raise ValueError(f"evaluate: -n must be a positive number of images, got {n}")
     config = TrainConfig(data=data, annotations=annotations, val_annotations=annotations, images=images, res=res,
                          val_size=n, train_size=1, batch_size=batch_size)
     if data == "mpii" and not (annotations and images):
