@@ -20,7 +20,8 @@ def test_sample_layout():
     assert s["image"].shape == (3, 128, 128) and s["image"].dtype == torch.float32
     assert 0.0 <= s["image"].min() and s["image"].max() <= 1.0 and s["image"].std() > 0.05
     assert s["heatmaps"].shape == (16, 32, 32) and s["joints"].shape == (16, 2) and s["visible"].shape == (16,)
-    assert s["normalize"].shape == () and s["center"].tolist() == [64.0, 64.0] and s["scale"].item() == pytest.approx(128 / 200)
+    assert s["normalize"].shape == () and s["center"].tolist() == [64.0, 64.0]
+    assert s["scale"].item() == pytest.approx(128 / 200)
     expected = pose.make_heatmaps(s["joints"][None] / 4, 32)[0]
     assert torch.equal(s["heatmaps"], expected)  # the port's targets at the heatmap resolution
 
