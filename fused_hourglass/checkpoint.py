@@ -30,7 +30,7 @@ from .reference.model import StackedHourglass as _ReferenceHourglass
 
 __all__ = [
     "CheckpointError", "PORT_PREFIXES", "load_checkpoint", "read_state_dict", "infer_config", "check_compatible",
-    "save_checkpoint", "prune_checkpoints", "rng_state", "set_rng_state",
+    "save_checkpoint", "step_checkpoints", "prune_checkpoints", "rng_state", "set_rng_state",
 ]
 
 PORT_PREFIXES = ("model.module.", "module.", "model.", "_orig_mod.")
@@ -315,9 +315,8 @@ def _fsync_directory(directory: str) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems refuse to sync a directory (EINVAL): best effort
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -382,6 +381,23 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     _fsync_directory(directory)
 
 
+def step_checkpoints(directory: str | os.PathLike, pattern: str = "step-*.pt",
+                     protect: Iterable[str] = ("best.pt", "last.pt")) -> list[Path]:
+    """The files in `directory` matching `pattern`, oldest first by the step number in the name (the last run of
+    digits: `step-00001200.pt` is step 1200; ties by name). Names in `protect`, the files they link to, links, files
+    without a number and non-files are left out."""
+    root = Path(directory)
+    protected = set(protect)
+    linked = {(root / name).resolve() for name in protected if (root / name).is_symlink()}
+    numbered = []
+    for p in root.glob(pattern):
+        digits = re.findall(r"\d+", p.stem)
+        if p.name in protected or not digits or p.is_symlink() or not p.is_file() or p.resolve() in linked:
+            continue
+        numbered.append((int(digits[-1]), p.name, p))
+    return [p for _, _, p in sorted(numbered)]
+
+
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int, pattern: str = "step-*.pt",
                       protect: Iterable[str] = ("best.pt", "last.pt")) -> list[Path]:
     """Delete all but the newest `keep_last` files in `directory` matching `pattern`, newest by the step number in
@@ -394,16 +410,8 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int, pattern: str
     root = Path(directory)
     if not root.is_dir():
         raise NotADirectoryError(f"prune_checkpoints: directory '{root}' is not a directory")
-    protected = set(protect)
-    linked = {(root / name).resolve() for name in protected if (root / name).is_symlink()}
-    numbered = []
-    for p in root.glob(pattern):
-        digits = re.findall(r"\d+", p.stem)
-        if p.name in protected or not digits or p.is_symlink() or not p.is_file() or p.resolve() in linked:
-            continue
-        numbered.append((int(digits[-1]), p.name, p))
-    numbered.sort()
-    doomed = [p for _, _, p in numbered[:max(len(numbered) - keep_last, 0)]]
+    numbered = step_checkpoints(root, pattern, protect)
+    doomed = numbered[:max(len(numbered) - keep_last, 0)]
     for p in doomed:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

@@ -187,15 +187,15 @@ class SyntheticPoses(Dataset):
     Each sample is a dict: "image" [3, res, res] float32 in [0, 1]; "heatmaps" [16, res/4, res/4] float32 (the
     port's targets, `fused_hourglass.pose.make_heatmaps` at σ = (res/4)/64); "joints" [16, 2] float32 (x, y) in image
     pixels; "visible" [16] float32; "normalize" float32 scalar (the MPII head size); "center" [2] and "scale" (the
-    crop, which is the whole image); "index".
+    crop, which is the whole image); "index". `sigma` (heatmap pixels) overrides the port's σ for "heatmaps".
     """
 
-    def __init__(self, n: int, res: int = 128, seed: int = 0) -> None:
+    def __init__(self, n: int, res: int = 128, seed: int = 0, sigma: float | None = None) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"SyntheticPoses: n must be a positive int, got {n!r}")
         if not isinstance(res, int) or res < 64 or res % 64:
             raise ValueError(f"SyntheticPoses: res must be a positive multiple of 64 (the network input), got {res!r}")
-        self.n, self.res, self.seed = n, res, int(seed)
+        self.n, self.res, self.seed, self.sigma = n, res, int(seed), sigma
 
     def __len__(self) -> int:
         return self.n
@@ -211,7 +211,7 @@ class SyntheticPoses(Dataset):
         out_res = self.res // 4
         return {
             "image": torch.from_numpy(s["image"]).permute(2, 0, 1).contiguous(),
-            "heatmaps": make_heatmaps(joints[None] * (out_res / self.res), out_res)[0],
+            "heatmaps": make_heatmaps(joints[None] * (out_res / self.res), out_res, sigma=self.sigma)[0],
             "joints": joints,
             "visible": torch.from_numpy(s["visible"]),
             "normalize": torch.tensor(s["normalize"], dtype=torch.float32),

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .. import pose
 from .config import SYNTHETIC_VAL_SEED, TrainConfig
 
 
@@ -60,18 +59,18 @@ class SyntheticSource:
         from ..data import SyntheticPoses
 
         self.config = config
-        self.train_set = SyntheticPoses(config.train_size, config.res, config.seed) if with_train else None
-        self.val_set = SyntheticPoses(config.val_size, config.res, SYNTHETIC_VAL_SEED)
+        self.train_set = SyntheticPoses(config.train_size, config.res, config.seed, config.sigma) if with_train \
+            else None
+        self.val_set = SyntheticPoses(config.val_size, config.res, SYNTHETIC_VAL_SEED, config.sigma)
         self.collate = None
 
     def prepare(self, batch: dict[str, Any], device: torch.device, step: int, train: bool = True) -> dict[str, Any]:
-        """Images, targets made on the device, and ground truth in the crop's (here: the image's) pixels."""
-        c = self.config
-        image = batch["image"].to(device, non_blocking=True)
+        """Images, the targets the loader drew with them (at the run's σ), and ground truth in the crop's (here: the
+        image's) pixels."""
         joints = batch["joints"].to(device, non_blocking=True)
-        out_res = c.res // 4
-        return {"image": image, "heatmaps": pose.make_heatmaps(joints * (out_res / c.res), out_res, sigma=c.sigma),
-                "joints": joints, "gt": joints, "normalize": batch["normalize"].to(device), "matrix": None}
+        return {"image": batch["image"].to(device, non_blocking=True),
+                "heatmaps": batch["heatmaps"].to(device, non_blocking=True), "joints": joints, "gt": joints,
+                "normalize": batch["normalize"].to(device), "matrix": None}
 
 
 class MPIISource:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -19,7 +17,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_checkpoints,
+)
 from .config import RESUMABLE_OVERRIDES, TrainConfig, validate
 
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "pckh_mpii", "pckh_all16")
@@ -48,16 +54,11 @@ def find_checkpoint(path: str) -> str:
         return path
     if os.path.isdir(path):
         for d in (os.path.join(path, "checkpoints"), path):
-            steps = sorted(glob.glob(os.path.join(d, "step-*.pt")), key=_step_of)
+            steps = step_checkpoints(d) if os.path.isdir(d) else []
             if steps:
-                return steps[-1]
+                return str(steps[-1])
         raise FileNotFoundError(f"--resume {path}: no step-*.pt checkpoint in it or in its checkpoints/ folder")
     raise FileNotFoundError(f"--resume {path}: no such file or directory")
-
-
-def _step_of(path: str) -> int:
-    m = re.search(r"step-(\d+)\.pt$", path)
-    return int(m.group(1)) if m else -1
 
 
 def resume_config(checkpoint: dict[str, Any], path: str, overrides: dict[str, Any]) -> TrainConfig:
