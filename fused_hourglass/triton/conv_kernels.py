@@ -18,7 +18,9 @@ Numerics shared by every kernel:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -27,11 +29,14 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Fixed (untuned) tile sizes a GPU launches with; the interpreter's are 16 so small test shapes span several tiles.
+# `gpu_tiles` switches the interpreter to these.
+_GPU_TILES = {"STATS_BLOCK_M": 128, "WGRAD_ROW_QUANTUM": 128, "EW_BLOCK_M": 64, "EW_BLOCK_C": 64}
 # Rows per M tile of the kernels that emit per-tile statistics partials (forward and dgrad). Fixed, not tuned.
-STATS_BLOCK_M = 16 if INTERPRET else 128
+STATS_BLOCK_M = 16 if INTERPRET else _GPU_TILES["STATS_BLOCK_M"]
 
 
-def _conv_configs(fp32: bool) -> list[triton.Config]:
+def _conv_configs(fp32: bool, interpret: bool = INTERPRET) -> list[triton.Config]:
     """Forward / dgrad tiles: BLOCK_M is STATS_BLOCK_M; BLOCK_N spans output channels, BLOCK_K the reduction.
 
     bf16 / fp16 (tensor cores; wgmma on sm_90): a 128×128×32 tile takes 16 KiB of shared memory per stage and
@@ -39,7 +44,7 @@ def _conv_configs(fp32: bool) -> list[triton.Config]:
     so its tiles are smaller and always use 8 warps (tools/triton_aot.py checks both for spills). The interpreter
     gets one small configuration.
     """
-    if INTERPRET:
+    if interpret:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     if fp32:
         return [
@@ -53,9 +58,9 @@ def _conv_configs(fp32: bool) -> list[triton.Config]:
     ]
 
 
-def _wgrad_configs(fp32: bool) -> list[triton.Config]:
+def _wgrad_configs(fp32: bool, interpret: bool = INTERPRET) -> list[triton.Config]:
     """Weight-gradient tiles: a [BLOCK_K, BLOCK_N] tile of dW reduced over BLOCK_M rows at a time."""
-    if INTERPRET:
+    if interpret:
         return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_M": 16}, num_warps=1, num_stages=1)]
     if fp32:
         return [
@@ -71,10 +76,10 @@ def _wgrad_configs(fp32: bool) -> list[triton.Config]:
 
 _TUNE_KEY = ["M", "K", "C_OUT", "KSIZE"]
 # Rows handled by one split of the weight-gradient reduction are a multiple of every wgrad BLOCK_M.
-WGRAD_ROW_QUANTUM = 16 if INTERPRET else 128
+WGRAD_ROW_QUANTUM = 16 if INTERPRET else _GPU_TILES["WGRAD_ROW_QUANTUM"]
 # Elementwise kernels: rows × channels per program.
-EW_BLOCK_M = 16 if INTERPRET else 64
-EW_BLOCK_C = 16 if INTERPRET else 64
+EW_BLOCK_M = 16 if INTERPRET else _GPU_TILES["EW_BLOCK_M"]
+EW_BLOCK_C = 16 if INTERPRET else _GPU_TILES["EW_BLOCK_C"]
 # Interpreter work-arounds (triton 3.8): its bf16 `tl.dot` returns garbage, so the operands are widened to fp32
 # first (exact: a product of two bf16 or fp16 numbers fits an fp32 mantissa, and accumulation is fp32 anyway); and
 # its fp32 → bf16 conversion does not round to nearest even (see `_round`).
@@ -428,6 +433,35 @@ TUNED = {
     "conv_dgrad": _autotuned(_conv_bnrelu_dgrad_kernel, _conv_configs),
     "conv_wgrad": _autotuned(_conv_bnrelu_wgrad_kernel, _wgrad_configs),
 }
+_CONFIGS = {"conv_forward": _conv_configs, "conv_dgrad": _conv_configs, "conv_wgrad": _wgrad_configs}
+# JIT function → the one configuration its launches use instead of autotuning (set by `gpu_tiles`).
+_PINNED: dict[object, triton.Config] = {}
+
+
+def gpu_configs(name: str, dtype: torch.dtype) -> list[triton.Config]:
+    """The configurations `TUNED[name][dtype]` autotunes over on a GPU (also when running under the interpreter)."""
+    return _CONFIGS[name](dtype == torch.float32, interpret=False)
+
+
+@contextlib.contextmanager
+def gpu_tiles(pinned: dict[str, triton.Config] | None = None) -> Iterator[None]:
+    """Launch with the GPU's fixed tile sizes (`STATS_BLOCK_M`, `WGRAD_ROW_QUANTUM`, `EW_BLOCK_M/C`) and, for each
+    `TUNED` name in `pinned`, that configuration's block sizes instead of the autotuner's choice (every dtype).
+
+    For tests under the interpreter, whose own tiles are 16 wide, so that masking, partial tiles and statistics
+    partials are exercised at the sizes a GPU launches. Changes module state: not thread-safe, and any statistics
+    partials must be combined (`combine_stats`) inside the same block.
+    """
+    saved = {name: globals()[name] for name in _GPU_TILES}
+    pins = {TUNED[name][torch.float32].fn: cfg for name, cfg in (pinned or {}).items()}
+    globals().update(_GPU_TILES)
+    _PINNED.update(pins)
+    try:
+        yield
+    finally:
+        globals().update(saved)
+        for fn in pins:
+            del _PINNED[fn]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,6 +479,9 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     interpreter a launch with fake arguments is skipped: the op then runs exactly its fake implementation."""
     if INTERPRET and any(isinstance(a, FakeTensor) for a in args):
         return
+    if isinstance(kernel, triton.runtime.Autotuner) and (cfg := _PINNED.get(kernel.fn)) is not None:
+        kernel = kernel.fn
+        kwargs = {**kwargs, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
