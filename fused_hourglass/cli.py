@@ -50,6 +50,10 @@ def _time(fn, x: torch.Tensor, repeats: int) -> float:
 def info(args: argparse.Namespace) -> int:
     from . import HeatmapLoss, StackedHourglass, __version__
 
+    if args.kernels:
+        from .kernel_report import main as kernel_report
+
+        return kernel_report([])
     build = _build_info()
     print(f"fused_hourglass {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
@@ -269,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("--batch", type=int, default=4, help="default: 4")
     p_info.add_argument("--repeats", type=int, default=3, help="default: 3")
     p_info.add_argument("--channels-last", action="store_true", help="feed the input in channels_last layout")
+    p_info.add_argument("--kernels", action="store_true", help="instead: registers, spills and shared memory of "
+                        "every kernel, compiled ahead of time for sm_80 and sm_90 (fused_hourglass.kernel_report)")
     p_info.set_defaults(func=info)
     p_bench = sub.add_parser("bench", help="fused ops vs eager vs torch.compile vs a plain copy, side by side")
     p_bench.add_argument("--batch", type=int, default=4, help="default: 4")
