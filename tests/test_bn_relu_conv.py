@@ -175,7 +175,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"conv_weight must have 4 input channels \(the channels of u\), "
                                          r"got shape \[6, 5, 1, 1\]"):
         ops.bn_relu_conv2d(u, bn.weight, bn.bias, None, None, True, 0.1, 1e-5, torch.zeros(6, 5, 1, 1), None)
-    with pytest.raises(TypeError, match="u and conv_weight must have the same dtype"):
+    with pytest.raises(TypeError, match=r"conv_weight must be torch.float32 \(u's dtype\), or float16/bfloat16"):
         ops.bn_relu_conv2d(u, bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight.double(), None)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         ops.bn_relu_conv2d(torch.randn(1, 4, 1, 1), bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight,
@@ -186,7 +186,8 @@ def test_errors_name_the_argument():
     bad = [
         ({"conv_bias": torch.zeros(5)}, ValueError, r"conv_bias must be 1-D with 6 elements \(conv_weight's output "
                                                     r"channels\), got shape \[5\]"),
-        ({"conv_bias": torch.zeros(6, dtype=torch.float64)}, TypeError, "u and conv_bias must have the same dtype"),
+        ({"conv_bias": torch.zeros(6, dtype=torch.float64)}, TypeError,
+         "conv_bias must have conv_weight's dtype torch.float32, got torch.float64"),
         ({"padding": -1}, ValueError, "padding must be an int >= 0, got -1"),
         ({"conv_weight": torch.zeros(6, 4, 5, 5)}, ValueError,
          "the 5x5 conv_weight does not fit u's 3x3 planes with padding 0"),

@@ -3,6 +3,11 @@
 // registered once for every backend (CompositeExplicitAutograd, which also serves meta and fake tensors).
 // Backward (C++ autograd kernel): r recomputed with bn_relu_apply, the convolution's backward, then the BN-ReLU
 // backward shared with bn_relu_forward (bn_relu_grads).
+// Mixed precision: BatchNorm runs in u's dtype and the convolution in conv_weight's, which may be float16 or bfloat16
+// for float32 u (r is rounded to it, as autocast rounds r before a convolution). The Autocast kernels cast only
+// conv_weight and conv_bias to the autocast dtype: F.batch_norm is on none of autocast's lists, so its input,
+// parameters and running statistics (updated in place) keep their dtypes there too.
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -25,8 +30,24 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
+void check_conv_dtypes(const at::Tensor& u, const at::Tensor& conv_weight, const OptTensor& conv_bias) {
+  const at::ScalarType ut = u.scalar_type(), ct = conv_weight.scalar_type();
+  TORCH_CHECK_TYPE(ct == ut || ((ct == at::kHalf || ct == at::kBFloat16) && ut != at::kDouble),
+                   "bn_relu_conv2d: conv_weight must be ", dtype_name(ut),
+                   " (u's dtype), or float16/bfloat16 for a lower-precision convolution, got ", dtype_name(ct));
+  TORCH_CHECK_TYPE(!conv_bias.has_value() || conv_bias->scalar_type() == ct,
+                   "bn_relu_conv2d: conv_bias must have conv_weight's dtype ", dtype_name(ct), ", got ",
+                   dtype_name(conv_bias->scalar_type()));
+}
+
+// The convolution's input: r, rounded to the convolution's dtype when that is lower than u's.
+at::Tensor conv_input(const at::Tensor& r, const at::Tensor& conv_weight) {
+  return r.scalar_type() == conv_weight.scalar_type() ? r : r.to(conv_weight.scalar_type());
+}
+
 at::Tensor conv(const at::Tensor& r, const at::Tensor& conv_weight, const OptTensor& conv_bias, int64_t padding) {
-  return at::convolution(r, conv_weight, conv_bias, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
+  return at::convolution(conv_input(r, conv_weight), conv_weight, conv_bias, {1, 1}, {padding, padding}, {1, 1},
+                         false, {0, 0}, 1);
 }
 
 // Without autograd (every backend, meta and fake tensors included).
@@ -34,6 +55,7 @@ at::Tensor bn_relu_conv2d_composite(const at::Tensor& u, const OptTensor& weight
                                     const OptTensor& running_mean, const OptTensor& running_var, bool training,
                                     double momentum, double eps, const at::Tensor& conv_weight,
                                     const OptTensor& conv_bias, int64_t padding) {
+  check_conv_dtypes(u, conv_weight, conv_bias);
   const at::Tensor r =
       std::get<0>(call_bn_relu_forward(u, weight, bias, running_mean, running_var, training, momentum, eps));
   return conv(r, conv_weight, conv_bias, padding);
@@ -46,6 +68,7 @@ class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> 
                                bool training, double momentum, double eps, const at::Tensor& conv_weight,
                                const OptTensor& conv_bias, int64_t padding) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    check_conv_dtypes(u, conv_weight, conv_bias);
     auto [r, scale, shift, mean, invstd] =
         call_bn_relu_forward(u, weight, bias, running_mean, running_var, training, momentum, eps);
     at::Tensor out = conv(r, conv_weight, conv_bias, padding);
@@ -81,7 +104,7 @@ class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> 
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
     at::Tensor dr, dcw, dcb;
     {
-      const at::Tensor r = apply_op.call(u, scale, shift);  // recomputed, never saved
+      const at::Tensor r = conv_input(apply_op.call(u, scale, shift), conv_weight);  // recomputed, never saved
       // The convolution's gradients want the output gradient in the layout its forward produced (r's).
       const at::Tensor grad = grads[0].contiguous(output_memory_format(r));
       const std::optional<at::IntArrayRef> bias_sizes =
@@ -91,6 +114,7 @@ class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> 
           at::convolution_backward(grad, r, conv_weight, bias_sizes, {1, 1}, {padding, padding}, {1, 1}, false,
                                    {0, 0}, 1, {need_bn, need_cw, need_cb});
     }
+    if (need_bn && dr.scalar_type() != u.scalar_type()) dr = dr.to(u.scalar_type());
     variable_list out{at::Tensor(), at::Tensor(), at::Tensor()};
     if (need_bn) {
       out = bn_relu_grads(ctx, dr, saved, need);
@@ -114,6 +138,23 @@ at::Tensor bn_relu_conv2d_autograd(const at::Tensor& u, const OptTensor& weight,
                                    conv_bias, padding)[0];
 }
 
+template <c10::DeviceType device_type>
+at::Tensor bn_relu_conv2d_autocast(const at::Tensor& u, const OptTensor& weight, const OptTensor& bias,
+                                   const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                                   double momentum, double eps, const at::Tensor& conv_weight,
+                                   const OptTensor& conv_bias, int64_t padding) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
+  const at::ScalarType low = at::autocast::get_lower_precision_fp_from_device_type(device_type);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_hourglass::bn_relu_conv2d", "")
+                             .typed<at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&,
+                                               const OptTensor&, const OptTensor&, bool, double, double,
+                                               const at::Tensor&, const OptTensor&, int64_t)>();
+  return op.call(u, weight, bias, running_mean, running_var, training, momentum, eps,
+                 at::autocast::cached_cast(low, conv_weight, device_type),
+                 at::autocast::cached_cast(low, conv_bias, device_type), padding);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_hourglass, CompositeExplicitAutograd, m) {
@@ -121,5 +162,13 @@ TORCH_LIBRARY_IMPL(fused_hourglass, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(fused_hourglass, Autograd, m) { m.impl("bn_relu_conv2d", &bn_relu_conv2d_autograd); }
+
+TORCH_LIBRARY_IMPL(fused_hourglass, AutocastCPU, m) {
+  m.impl("bn_relu_conv2d", &bn_relu_conv2d_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(fused_hourglass, AutocastCUDA, m) {
+  m.impl("bn_relu_conv2d", &bn_relu_conv2d_autocast<c10::DeviceType::CUDA>);
+}
 
 }  // namespace fused_hourglass
