@@ -476,7 +476,8 @@ _SM_COUNT_ESTIMATE = 132  # H100 SXM; only sizes the split of the weight-gradien
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """Launch through `wrap_triton`, which lets torch.compile trace the kernel and makes it a no-op on fake tensors
     when compiled. An interpreted kernel would instead execute on fake tensors' (absent) storage, so under the
-    interpreter a launch with fake arguments is skipped: the op then runs exactly its fake implementation."""
+    interpreter a launch with fake arguments is skipped: the op then runs exactly its fake implementation. An
+    autotuned kernel whose configuration `gpu_tiles` pinned runs that configuration directly."""
     if INTERPRET and any(isinstance(a, FakeTensor) for a in args):
         return
     if isinstance(kernel, triton.runtime.Autotuner) and (cfg := _PINNED.get(kernel.fn)) is not None:
