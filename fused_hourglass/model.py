@@ -164,7 +164,15 @@ class StackedHourglass(reference.StackedHourglass):
                 if isinstance(m, _MODAL):
                     m.mode = active
             self._active = active
-        return super().forward(imgs)
+        if active == "reference":
+            return super().forward(imgs)
+        # The fused backends run channels_last whatever the input's layout: one conversion here, at the stem, not
+        # one per layout-sensitive op. The output comes back in the layout the reference gives for the same input.
+        nhwc = self.input_format == "NHWC"
+        if (imgs.is_contiguous() if nhwc else _ext.memory_format_of(imgs) == torch.channels_last):
+            return super().forward(imgs)
+        x = imgs.contiguous() if nhwc else imgs.contiguous(memory_format=torch.channels_last)
+        return super().forward(x).contiguous()
 
     @classmethod
     def from_checkpoint(cls, source: str | os.PathLike | Mapping[str, Any], **kwargs: Any) -> StackedHourglass:
