@@ -163,6 +163,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-drop-step", type=int, help=f"step schedule's drop ({d('lr_drop_step')})")
     g.add_argument("--lr-drop-to", type=float, help=f"step schedule's lr after the drop ({d('lr_drop_to')})")
     g.add_argument("--steps", type=int, help=f"optimizer steps in all ({d('steps')})")
+    g.add_argument("--grad-accum", type=int, metavar="K", help=f"micro-batches of --batch-size summed into each "
+                   f"optimizer step, each normalised by its own BatchNorm statistics ({d('grad_accum')})")
     g.add_argument("--seed", type=int, help=f"seed of the weights, the data order and the augmentation ({d('seed')})")
     g = p.add_argument_group("output")
     g.add_argument("--device", help=f"auto (CUDA when present), cpu, cuda or cuda:N ({d('device')})")
@@ -173,12 +175,17 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, help=f"steps between checkpoints ({d('checkpoint_every')})")
     g.add_argument("--keep-last", type=int, help=f"step checkpoints kept besides best.pt ({d('keep_last')})")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    g = p.add_argument_group("distributed (under torchrun: --batch-size is per process)")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"BatchNorm statistics over all processes, as torch.nn.SyncBatchNorm ({d('sync_bn')})")
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS", help=f"longest wait of any collective for the "
+                   f"other processes, after which a run whose peer died fails ({d('dist_timeout')})")
 
 
 _OVERRIDES = ("data", "annotations", "val_annotations", "images", "res", "sigma", "train_size", "val_size",
               "workers", "nstack", "inp_dim", "backend", "channels_last", "amp", "batch_size", "lr", "schedule",
               "lr_drop_step", "lr_drop_to", "steps", "seed", "device", "out", "log_every", "val_every",
-              "checkpoint_every", "keep_last")
+              "checkpoint_every", "keep_last", "grad_accum", "sync_bn", "dist_timeout")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -188,7 +195,7 @@ def train(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
     config = None if args.resume else from_preset(args.preset, **overrides)
     summary = run(config, resume=args.resume, overrides=overrides, progress=False if args.no_progress else None)
-    if summary["status"] == "finished":
+    if summary["status"] == "finished" and summary.get("rank", 0) == 0:
         best = summary.get("best_pckh_mpii")
         print(f"done: {summary['step']} steps in {summary['seconds']:.0f} s"
               + (f", best validation PCKh@0.5 {100 * best:.1f} % (MPII mean)" if best is not None else "")
@@ -299,3 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        # a collective that failed because another process of a distributed run died or timed out
+        import torch.distributed as dist
+
+        if not (dist.is_available() and isinstance(exc, dist.DistError)):
+            raise
+        print(f"error: distributed training failed on this process: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1

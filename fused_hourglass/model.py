@@ -24,6 +24,7 @@ import torch
 from . import _ext, ops, reference
 from .checkpoint import check_compatible, infer_config, read_state_dict
 from .ops.bn_relu import module_statistics_arguments
+from .ops.sync_bn import sync_active, sync_bn_relu, sync_bn_relu_conv2d
 
 BACKENDS = ("auto", "reference", "fused", "triton")
 _FUSED_OPS = ("upsample_add", "bn_relu_forward", "max_pool2x2")
@@ -51,8 +52,14 @@ class Conv(reference.Conv):
     run as one `bn_relu` (saving the convolution's output only) unless in reference mode."""
 
     mode = "reference"
+    sync = None  # the process group of synchronised BatchNorm statistics, when active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sync is not None and self.bn is not None and self.relu is not None and self.bn.training:
+            bn = self.bn
+            running_mean, running_var, _, momentum = module_statistics_arguments(bn)
+            return sync_bn_relu(self.conv(x), bn.weight, bn.bias, running_mean, running_var, momentum, bn.eps,
+                                process_group=self.sync, use_kernels=self.mode != "reference")
         if self.mode == "reference" or self.bn is None or self.relu is None:
             return super().forward(x)
         bn = self.bn
@@ -63,8 +70,11 @@ class Residual(reference.Residual):
     """Reference bottleneck, computed as three fused BN-ReLU-conv steps ("fused") or the Triton chain."""
 
     mode = "reference"
+    sync = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sync is not None:
+            return self._synced(x)
         if self.mode == "triton":
             return _triton().fused_residual(self, x)
         if self.mode == "reference":
@@ -73,6 +83,21 @@ class Residual(reference.Residual):
         out = _bn_relu_conv(self.bn1, self.conv1.conv, x)
         out = _bn_relu_conv(self.bn2, self.conv2.conv, out)
         out = _bn_relu_conv(self.bn3, self.conv3.conv, out)
+        return out + residual
+
+    def _synced(self, x: torch.Tensor) -> torch.Tensor:
+        """The three BN-ReLU-conv steps with the process group's BatchNorm statistics: the compiled statistics and
+        apply kernels around the collectives on the fused and triton backends, plain PyTorch on the reference."""
+        residual = self.skip_layer(x) if self.need_skip else x
+        out = x
+        for bn, conv in ((self.bn1, self.conv1.conv), (self.bn2, self.conv2.conv), (self.bn3, self.conv3.conv)):
+            if not bn.training:
+                out = conv(torch.relu(bn(out))) if self.mode == "reference" else _bn_relu_conv(bn, conv, out)
+                continue
+            running_mean, running_var, _, momentum = module_statistics_arguments(bn)
+            out = sync_bn_relu_conv2d(out, bn.weight, bn.bias, running_mean, running_var, momentum, bn.eps,
+                                      conv.weight, conv.bias, conv.padding[0], process_group=self.sync,
+                                      use_kernels=self.mode != "reference")
         return out + residual
 
 
@@ -92,12 +117,13 @@ class Hourglass(reference.Hourglass):
     residual_cls = Residual
     pool_cls = Pool
     mode = "reference"
+    sync = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "reference":
             return super().forward(x)
         low3 = self.low3(self.low2(self.low1(self.pool1(x))))
-        if self.mode == "triton":
+        if self.mode == "triton" and self.sync is None:
             return _triton().fused_residual(self.up1, x, low=low3)
         return ops.upsample_add(low3, self.up1(x))
 
@@ -120,6 +146,12 @@ class StackedHourglass(reference.StackedHourglass):
         backend: "auto" (default), "fused", "triton" or "reference"; see the module docstring. May be changed later
             through the `backend` attribute.
         input_format: "NCHW" (default) or "NHWC" (the port's convention).
+        sync_bn: in training, BatchNorm statistics over all processes of `process_group` (an attribute; None, the
+            default, means torch.distributed's default group), as torch.nn.SyncBatchNorm computes them, on every
+            backend: one all-reduce of per-channel partials per BatchNorm in forward and one in backward
+            (`fused_hourglass.ops.sync_bn`). Without an initialised process group, or with one process, it is plain
+            BatchNorm. May be changed later through the `sync_bn` attribute. On the triton backend the Residuals
+            then run as the fused backend's (the Triton chain keeps its statistics on the device).
     Input [B, 3, H, W] with H, W multiples of 64; output [B, nstack, oup_dim, H/4, W/4].
     """
 
@@ -129,11 +161,14 @@ class StackedHourglass(reference.StackedHourglass):
     conv_cls = Conv
 
     def __init__(self, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 16, bn: bool = False, increase: int = 0,
-                 *, backend: str = "auto", input_format: str = "NCHW") -> None:
+                 *, backend: str = "auto", input_format: str = "NCHW", sync_bn: bool = False) -> None:
         super().__init__(nstack, inp_dim, oup_dim, bn, increase, input_format=input_format)
         self.config = {"nstack": nstack, "inp_dim": inp_dim, "oup_dim": oup_dim, "increase": increase}
         self.backend = backend
         self._active: str | None = None
+        self.sync_bn = sync_bn
+        self.process_group = None
+        self._sync_routed = None
 
     @property
     def backend(self) -> str:
@@ -144,6 +179,24 @@ class StackedHourglass(reference.StackedHourglass):
         if value not in BACKENDS:
             raise ValueError(f"StackedHourglass: backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
+
+    @property
+    def sync_bn(self) -> bool:
+        return self._sync_bn
+
+    @sync_bn.setter
+    def sync_bn(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"StackedHourglass: sync_bn must be True or False, got {value!r}")
+        self._sync_bn = value
+
+    def sync_group(self):
+        """The process group a training forward now reduces its BatchNorm statistics over, or None (sync_bn off,
+        eval mode, torch.distributed not initialised, or a group of one process)."""
+        import torch.distributed as dist
+
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        return group if self._sync_bn and sync_active(group, self.training) else None
 
     def resolve_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         """The backend a forward on `device` runs, for parameters of `dtype` (default: the model's)."""
@@ -164,6 +217,12 @@ class StackedHourglass(reference.StackedHourglass):
                 if isinstance(m, _MODAL):
                     m.mode = active
             self._active = active
+        group = self.sync_group() if self._sync_bn else None
+        if group is not self._sync_routed:
+            for m in self.modules():
+                if isinstance(m, _MODAL):
+                    m.sync = group
+            self._sync_routed = group
         if active == "reference":
             return super().forward(imgs)
         # The fused backends run channels_last whatever the input's layout: one conversion here, at the stem, not

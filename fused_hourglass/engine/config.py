@@ -38,6 +38,8 @@ class TrainConfig:
     lr_drop_to: float = 2e-4
     steps: int = 1000
     amp: bool = False
+    grad_accum: int = 1  # micro-batches of batch_size per process summed into one optimizer step
+    sync_bn: bool = False  # BatchNorm statistics over all processes of a distributed run
     # running
     device: str = "auto"
     workers: int = 1
@@ -47,6 +49,7 @@ class TrainConfig:
     val_every: int = 200
     checkpoint_every: int = 200
     keep_last: int = 2
+    dist_timeout: float = 600.0  # seconds any collective may wait for the other processes
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,7 +73,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Options that may differ from the checkpoint's on --resume: they do not change what is computed.
-RESUMABLE_OVERRIDES = ("steps", "workers", "out", "log_every", "val_every", "checkpoint_every", "keep_last", "device")
+RESUMABLE_OVERRIDES = ("steps", "workers", "out", "log_every", "val_every", "checkpoint_every", "keep_last", "device",
+                       "dist_timeout")
 
 
 def from_preset(preset: str, **overrides: Any) -> TrainConfig:
@@ -89,7 +93,7 @@ def from_preset(preset: str, **overrides: Any) -> TrainConfig:
 def validate(c: TrainConfig) -> None:
     """Raise a ValueError naming the option for any value a run cannot start with."""
     positive = ("train_size", "val_size", "res", "nstack", "inp_dim", "oup_dim", "batch_size", "steps", "log_every",
-                "val_every", "checkpoint_every", "keep_last")
+                "val_every", "checkpoint_every", "keep_last", "grad_accum")
     for name in positive:
         value = getattr(c, name)
         if not isinstance(value, int) or value < 1:
@@ -102,6 +106,8 @@ def validate(c: TrainConfig) -> None:
         raise ValueError(f"--lr must be positive, got {c.lr}")
     if c.sigma is not None and not c.sigma > 0:
         raise ValueError(f"--sigma must be positive, got {c.sigma}")
+    if not c.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {c.dist_timeout!r}")
     if c.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {c.workers}")
     if c.data not in ("synthetic", "mpii"):

@@ -63,6 +63,7 @@ class SyntheticSource:
             else None
         self.val_set = SyntheticPoses(config.val_size, config.res, SYNTHETIC_VAL_SEED, config.sigma)
         self.collate = None
+        self.rank = 0
 
     def prepare(self, batch: dict[str, Any], device: torch.device, step: int, train: bool = True) -> dict[str, Any]:
         """Images, the targets the loader drew with them (at the run's σ), and ground truth in the crop's (here: the
@@ -88,16 +89,19 @@ class MPIISource:
         if len(self.val_set) > config.val_size:
             self.val_set = torch.utils.data.Subset(self.val_set, range(config.val_size))
         self.collate = collate_mpii
+        self.rank = 0  # a distributed run's process: its augmentation stream is its own
         self.train_augment = MPIIAugment(config.res, config.res // 4, train=True, sigma=config.sigma)
         self.val_augment = MPIIAugment(config.res, config.res // 4, train=False, sigma=config.sigma)
 
     def prepare(self, batch: dict[str, Any], device: torch.device, step: int, train: bool = True) -> dict[str, Any]:
         """The batched affine crop (with random rotation, scale, flip and colour in training, drawn from a generator
-        seeded with (seed, step), so a resumed run draws the same), targets, and the original-pixel ground truth."""
+        seeded with (seed, rank, batch number), so a resumed run draws the same), targets, and the original-pixel
+        ground truth."""
         augment = self.train_augment if train else self.val_augment
         generator = None
         if train:
-            generator = torch.Generator(device=device).manual_seed(self.config.seed * 1_000_003 + step)
+            seed = self.config.seed * 1_000_003 + step + self.rank * 1_000_000_007
+            generator = torch.Generator(device=device).manual_seed(seed)
         out = augment(batch, generator=generator, device=device)
         return {"image": out["image"], "heatmaps": out["heatmaps"], "joints": out["joints"],
                 "gt": batch["joints"].to(device), "normalize": batch["normalize"].to(device), "matrix": out["matrix"]}

@@ -1,5 +1,9 @@
 """The training loop: model, Adam, learning-rate schedule, resumable data order, periodic validation, logging,
-atomic checkpoints that carry every RNG state, and a clean stop on SIGINT/SIGTERM at the next step boundary."""
+atomic checkpoints that carry every RNG state, and a clean stop on SIGINT/SIGTERM at the next step boundary.
+
+Under torchrun the same loop runs in every process (`engine.distributed`): DistributedDataParallel, each rank on
+its share of every global batch, optional synchronised BatchNorm, and rank 0 alone printing, validating and writing
+files; every rank's RNG states go into the checkpoint, so a resume with the same world size is exact."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from ..checkpoint import (
     set_rng_state,
     step_checkpoints,
 )
+from . import distributed
 from .config import RESUMABLE_OVERRIDES, TrainConfig, validate
 
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "pckh_mpii", "pckh_all16")
@@ -152,10 +157,14 @@ def read_log(path: str) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
 
 
+_QUIET = False  # True on the processes of a distributed run other than rank 0
+
+
 def _say(message: str) -> None:
     from tqdm import tqdm
 
-    tqdm.write(message, file=sys.stdout)
+    if not _QUIET:
+        tqdm.write(message, file=sys.stdout)
 
 
 def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[int], None] | None = None,
@@ -164,37 +173,65 @@ def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[
 
     `resume`: a checkpoint file or a run directory; the run continues exactly where the checkpoint was written
     (model, optimizer, schedule, step, RNG states, data order). `on_step(step)` is called after every step.
-    `progress`: show a tqdm bar (None: when stderr is a terminal)."""
-    from tqdm import tqdm
+    `progress`: show a tqdm bar (None: when stderr is a terminal).
 
-    from .. import HeatmapLoss, StackedHourglass
-    from .data import make_source, train_loader, val_loader
-    from .evaluate import pckh_on
-
+    Started by torchrun (WORLD_SIZE > 1 in the environment), every process runs this with the same config; see
+    `engine.distributed`."""
+    global _QUIET
     checkpoint = None
     if resume is not None:
         resume = find_checkpoint(resume)
         checkpoint = load_checkpoint(resume)
         config = resume_config(checkpoint, resume, overrides or {})
     validate(config)
-    device = resolve_device(config.device)
+    ctx = distributed.setup(resolve_device(config.device), config.dist_timeout)
+    _QUIET = not ctx.is_main
+    try:
+        return _train(config, ctx, checkpoint, resume, on_step, progress)
+    finally:
+        _QUIET = False
+        distributed.teardown(ctx)
+
+
+def _train(config: TrainConfig, ctx: distributed.DistContext, checkpoint: dict[str, Any] | None, resume: str | None,
+           on_step: Callable[[int], None] | None, progress: bool | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from .. import HeatmapLoss, StackedHourglass
+    from .data import make_source, train_loader, val_loader
+    from .evaluate import pckh_on
+
+    device, main = ctx.device, ctx.is_main
+    saved_world = int(checkpoint.get("world_size", 1)) if checkpoint is not None else ctx.world_size
+    if saved_world != ctx.world_size:
+        raise ValueError(f"--resume {resume}: the checkpoint was written by a run of {saved_world} process(es), this "
+                         f"one has {ctx.world_size}; the global batch (--batch-size per process × processes) and "
+                         f"the data order depend on it, so resume with --nproc-per-node × --nnodes = {saved_world}")
     out = config.out
     ckpt_dir = os.path.join(out, "checkpoints")
-    os.makedirs(ckpt_dir, exist_ok=True)
+    if main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+
+    import random
+
+    import numpy as np
 
     if checkpoint is None:
-        import random
-
-        import numpy as np
-
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
     source = make_source(config)  # before the model: a missing image folder fails before any work
+    source.rank = ctx.rank
     model = StackedHourglass(config.nstack, config.inp_dim, config.oup_dim, increase=config.increase,
-                             backend=config.backend).to(device)
+                             backend=config.backend, sync_bn=config.sync_bn).to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if checkpoint is None and ctx.rank:
+        # the same initial weights on every rank (DDP broadcasts rank 0's anyway), then streams of its own
+        seed = distributed.stream_seed(config.seed, ctx.rank)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = build_scheduler(optimizer, config)
     start, best, elapsed_before = 0, None, 0.0
@@ -204,11 +241,15 @@ def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[
         scheduler.load_state_dict(checkpoint["scheduler"])
         start, best = int(checkpoint["step"]), checkpoint.get("best_pckh")
         elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
-        set_rng_state(checkpoint["rng"])
+        per_rank = checkpoint.get("rng_per_rank")
+        set_rng_state(per_rank[ctx.rank] if per_rank else checkpoint["rng"])
         if start >= config.steps:
             _say(f"{resume} is at step {start}, not before --steps {config.steps}: nothing to train")
+    trained = distributed.wrap(model, ctx, sync_bn=config.sync_bn)
     loss_fn = HeatmapLoss()
-    loader, sampler = train_loader(source, config, start, pin_memory=device.type == "cuda")
+    accum = config.grad_accum
+    loader, sampler = train_loader(source, config, start * accum, num_replicas=ctx.world_size, rank=ctx.rank,
+                                   pin_memory=device.type == "cuda")
     val = val_loader(source, config)
     amp = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16) \
         if config.amp else contextlib.nullcontext()
@@ -216,21 +257,33 @@ def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[
     if scaler is not None and checkpoint is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
 
-    def save(step: int, name: str | None = None) -> str:
+    def save(step: int, name: str | None = None, rng_per_rank: list[dict[str, Any]] | None = None) -> str:
+        """Rank 0 writes; step checkpoints carry every rank's RNG states (gathered by the caller on all ranks)."""
         path = os.path.join(ckpt_dir, name or f"step-{step:08d}.pt")
-        save_checkpoint(path, model, optimizer, epoch=sampler.epoch_of(step), step=step,
+        save_checkpoint(path, model, optimizer, epoch=sampler.epoch_of(step * accum), step=step,
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                        rng=rng_state(), train_config=config.to_dict(), best_pckh=best,
+                        rng=rng_state(), rng_per_rank=rng_per_rank, world_size=ctx.world_size,
+                        train_config=config.to_dict(), best_pckh=best,
                         elapsed_s=elapsed_before + time.perf_counter() - run_start)
         return path
 
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
-    log = _CsvLog(os.path.join(out, "log.csv"), start)
+    global_batch = config.batch_size * ctx.world_size * accum
+    log = None
+    if main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({**config.to_dict(), "world_size": ctx.world_size, "global_batch": global_batch}, f, indent=2)
+        log = _CsvLog(os.path.join(out, "log.csv"), start)
     bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+               disable=True if not main else None if progress is None else not progress)
+    batch_text = f"batch {config.batch_size}"
+    if ctx.world_size > 1 or accum > 1:
+        batch_text = (f"global batch {global_batch} ({config.batch_size} per process × {ctx.world_size} "
+                      f"process{'es' if ctx.world_size > 1 else ''}"
+                      + (f" × {accum} accumulated" if accum > 1 else "") + ")")
+    where = f"{device}" if not ctx.enabled else (f"{ctx.world_size} processes ({ctx.backend}, "
+                                                 f"{'synchronised' if config.sync_bn else 'per-process'} BatchNorm)")
     _say(f"training StackedHourglass(nstack={config.nstack}, inp_dim={config.inp_dim}) on {config.data} at "
-         f"{config.res} px, batch {config.batch_size}, backend {model.resolve_backend(device)}, {device}, "
+         f"{config.res} px, {batch_text}, backend {model.resolve_backend(device)}, {where}, "
          f"steps {start}..{config.steps}; writing to {out}")
     status, done = "finished", start
     interval_loss, interval_images, interval_seconds = 0.0, 0, 0.0
@@ -242,41 +295,51 @@ def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[
             batches = iter(loader)
             for step in range(start, config.steps):
                 tick = time.perf_counter()
-                batch = source.prepare(next(batches), device, step)
-                images = batch["image"].contiguous(memory_format=memory_format)
                 lr = optimizer.param_groups[0]["lr"]
-                with amp:
-                    loss = loss_fn(model(images).float(), batch["heatmaps"])
                 optimizer.zero_grad(set_to_none=True)
+                loss_sum, count = 0.0, 0
+                for micro in range(accum):
+                    batch = source.prepare(next(batches), device, step * accum + micro)
+                    images = batch["image"].contiguous(memory_format=memory_format)
+                    # DDP all-reduces the gradients in the last micro-batch's backward only
+                    sync = trained.no_sync() if ctx.enabled and micro < accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        with amp:
+                            loss = loss_fn(trained(images).float(), batch["heatmaps"])
+                        scaled = loss / accum if accum > 1 else loss
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    loss_sum += loss.item() * images.shape[0]
+                    count += images.shape[0]
                 if scaler is not None:
-                    scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
                 else:
-                    loss.backward()
                     optimizer.step()
                 scheduler.step()
-                value = loss.item()
+                loss_sum, count, stopping = distributed.step_reduce(ctx, loss_sum, count, stop.signal is not None)
+                value = loss_sum / count
                 if not math.isfinite(value):
                     raise TrainingError(f"the loss became {value} at step {step + 1}; the last checkpoint "
                                         f"({last_saved or 'none written yet'}) is intact: lower --lr and resume")
                 done = step + 1
-                # images/s counts the steps themselves (data wait included), not validation or checkpoints
+                # images/s counts the steps themselves (data wait included), not validation or checkpoints, over
+                # all processes
                 interval_seconds += time.perf_counter() - tick
-                interval_loss += value * images.shape[0]
-                interval_images += images.shape[0]
+                interval_loss += loss_sum
+                interval_images += count
                 rate = interval_images / max(interval_seconds, 1e-9)
                 bar.set_postfix(loss=f"{value:.2e}", img_s=f"{rate:.1f}", refresh=False)
                 bar.update(1)
                 row = None
                 if done % config.log_every == 0 or done == config.steps:
-                    row = {"step": done, "epoch": sampler.epoch_of(step), "loss": interval_loss / interval_images,
+                    row = {"step": done, "epoch": sampler.epoch_of(step * accum),
+                           "loss": interval_loss / interval_images,
                            "lr": lr, "images_per_s": round(rate, 3),
                            "elapsed_s": round(elapsed_before + time.perf_counter() - run_start, 3)}
                     interval_loss, interval_images, interval_seconds = 0.0, 0, 0.0
-                if done % config.val_every == 0 or done == config.steps:
+                if main and (done % config.val_every == 0 or done == config.steps):
                     result = pckh_on(model, val, source, device, channels_last=config.channels_last)
-                    row = row or {"step": done, "epoch": sampler.epoch_of(step)}
+                    row = row or {"step": done, "epoch": sampler.epoch_of(step * accum)}
                     row.update(pckh_mpii=round(result["mpii"], 5), pckh_all16=round(result["all16"], 5))
                     _say(f"step {done}: validation PCKh@0.5 {100 * result['mpii']:.1f} % (MPII mean, w/o pelvis "
                          f"and thorax), {100 * result['all16']:.1f} % (all 16 joints) on {len(source.val_set)} "
@@ -284,21 +347,26 @@ def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[
                     if best is None or result["mpii"] > best:
                         best = result["mpii"]
                         save(done, "best.pt")
-                if row is not None:
+                if row is not None and log is not None:
                     log.write(row)
                 if on_step is not None:
                     on_step(done)
-                if done % config.checkpoint_every == 0 or done == config.steps or stop.signal is not None:
-                    last_saved = save(done)
-                    prune_checkpoints(ckpt_dir, config.keep_last)
-                if stop.signal is not None:
+                if done % config.checkpoint_every == 0 or done == config.steps or stopping:
+                    states = distributed.gather_objects(ctx, rng_state())
+                    if main:
+                        last_saved = save(done, rng_per_rank=states if ctx.enabled else None)
+                        prune_checkpoints(ckpt_dir, config.keep_last)
+                if stopping:
                     status = "interrupted"
-                    _say(f"{signal.Signals(stop.signal).name}: stopped after step {done}; checkpoint {last_saved}; "
+                    why = signal.Signals(stop.signal).name if stop.signal is not None else "a stop request"
+                    where = " (received by another process)" if stop.signal is None else ""
+                    _say(f"{why}{where}: stopped after step {done}; checkpoint {last_saved}; "
                          f"continue with --resume {out}")
                     break
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         # Workers ignore SIGTERM (the stop belongs to this process), so they are shut down here, through the
         # loader's own path, rather than left to multiprocessing's exit handler, whose SIGTERM they would ignore.
         shutdown = getattr(batches, "_shutdown_workers", None)
@@ -306,7 +374,10 @@ def train(config: TrainConfig, *, resume: str | None = None, on_step: Callable[[
             shutdown()
     seconds = elapsed_before + time.perf_counter() - run_start
     summary = {"status": status, "step": done, "best_pckh_mpii": best, "seconds": round(seconds, 2),
-               "checkpoint": last_saved, "out": out, "config": config.to_dict()}
+               "checkpoint": last_saved, "out": out, "config": config.to_dict(), "world_size": ctx.world_size,
+               "rank": ctx.rank}
+    if not main:
+        return summary
     rows = read_log(os.path.join(out, "log.csv"))
     rates = [r["images_per_s"] for r in rows if "images_per_s" in r]
     if rates:

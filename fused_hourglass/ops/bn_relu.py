@@ -21,6 +21,7 @@ from torch import nn
 from .. import _ext
 from ..reference import ops as reference
 from ._checks import check_4d_float, check_same_dtype_device, check_tensor
+from .sync_bn import sync_active, sync_bn_relu
 
 __all__ = ["bn_relu", "BatchNormReLU2d"]
 
@@ -86,7 +87,7 @@ def _check_bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
             running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-            momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+            momentum: float = 0.1, eps: float = 1e-5, *, process_group=None) -> torch.Tensor:
     """relu(F.batch_norm(u, running_mean, running_var, weight, bias, training, momentum, eps)).
 
     Args:
@@ -98,9 +99,14 @@ def bn_relu(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
             the unbiased M/(M − 1) variance, M = N·H·W), as nn.BatchNorm2d; otherwise use the running ones.
             An empty batch (M = 0) gives an empty output and leaves the running statistics alone, as
             F.batch_norm does.
+        process_group: a torch.distributed process group (`dist.group.WORLD` for the default one) whose processes'
+            batches form one batch for the statistics in training (`sync_bn_relu`, as torch.nn.SyncBatchNorm);
+            None (default), eval mode, or a group of one process: this process's batch alone.
     Returns:
         r: u's shape and dtype, in u's memory format. Differentiable in u, weight and bias; saves u, never r.
     """
+    if process_group is not None and sync_active(process_group, training):
+        return sync_bn_relu(u, weight, bias, running_mean, running_var, momentum, eps, process_group=process_group)
     batch_stats = training or running_mean is None
     _check_bn_relu(u, weight, bias, running_mean, running_var, batch_stats)
     if not _ext.use_kernel("bn_relu_forward", u.device):

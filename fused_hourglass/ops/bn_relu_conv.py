@@ -20,6 +20,7 @@ from .. import _ext
 from ..reference import ops as reference
 from ._checks import check_4d_float, check_conv_operand, check_tensor, conv_dtype
 from .bn_relu import _check_bn_relu
+from .sync_bn import sync_active, sync_bn_relu_conv2d
 
 __all__ = ["bn_relu_conv2d"]
 
@@ -27,7 +28,7 @@ __all__ = ["bn_relu_conv2d"]
 def bn_relu_conv2d(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
                    momentum: float, eps: float, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
-                   padding: int = 0) -> torch.Tensor:
+                   padding: int = 0, *, process_group=None) -> torch.Tensor:
     """conv2d(relu(F.batch_norm(u, running_mean, running_var, weight, bias, training, momentum, eps)),
     conv_weight, conv_bias, stride 1, padding) — the pre-activation step of the hourglass Residual.
 
@@ -35,8 +36,12 @@ def bn_relu_conv2d(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     [C_out, C, k, k] of u's dtype or float16/bfloat16 (the convolution's dtype: r is rounded to it), conv_bias
     [C_out] of conv_weight's dtype or None; under autocast both are cast to the autocast dtype. Returns
     [N, C_out, H', W'] in the convolution's dtype. Saves u and per-channel vectors for backward, not the
-    activation r.
+    activation r. `process_group`: as `bn_relu`'s (statistics over the
+    group's processes in training, through `sync_bn_relu_conv2d`).
     """
+    if process_group is not None and sync_active(process_group, training):
+        return sync_bn_relu_conv2d(u, weight, bias, running_mean, running_var, momentum, eps, conv_weight, conv_bias,
+                                   padding, process_group=process_group)
     batch_stats = training or running_mean is None
     op = "bn_relu_conv2d"
     _check_bn_relu(u, weight, bias, running_mean, running_var, batch_stats, op)
