@@ -186,7 +186,9 @@ def test_predict_writes_json_and_png(trained, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--res", "100"], "--res must be a multiple of 64"),
     (["train", "--batch-size", "0"], "--batch-size must be a positive integer"),
-    (["train", "--amp", "--backend", "fused"], "--amp: mixed precision runs on --backend reference"),
+    (["train", "--amp", "--backend", "triton"], "--amp: training under autocast is not yet as accurate"),
+    (["train", "--grad-accum", "0"], "--grad-accum must be a positive integer"),
+    (["train", "--dist-timeout", "0"], "--dist-timeout must be a positive number"),
     (["train", "--data", "mpii"], "--data mpii needs --annotations"),
     (["train", "--device", "cuda:7"], "no CUDA device" if not torch.cuda.is_available() else "cuda"),
     (["predict", "--checkpoint", "missing.pt", "nothing.jpg"], "nothing.jpg"),

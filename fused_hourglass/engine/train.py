@@ -351,6 +351,8 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, checkpoint: dict[s
                     log.write(row)
                 if on_step is not None:
                     on_step(done)
+                if not ctx.enabled:
+                    stopping = stop.signal is not None  # a signal during this step's logging still counts
                 if done % config.checkpoint_every == 0 or done == config.steps or stopping:
                     states = distributed.gather_objects(ctx, rng_state())
                     if main:
