@@ -43,11 +43,11 @@ SCENARIOS = [(shares, sync, dtype) for dtype in (torch.float64, torch.float32)
              for shares, sync in (([2, 2], True), ([2, 2], False), ([3, 1], True))]
 
 
-def _spawn(backend: str, tmp_path: Path) -> list[list[dict]]:
+def _spawn(backend: str, tmp_path: Path, comm: str = "gloo", scenarios=SCENARIOS) -> list[list[dict]]:
     import torch.multiprocessing as mp
 
     init = tmp_path / "init"
-    ctx = mp.start_processes(w.worker, args=(2, str(init), backend, SCENARIOS, str(tmp_path)), nprocs=2,
+    ctx = mp.start_processes(w.worker, args=(2, str(init), backend, scenarios, str(tmp_path), comm), nprocs=2,
                              start_method="spawn", join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not ctx.join(timeout=1.0):
@@ -108,6 +108,20 @@ def test_two_processes_equal_one(backend, tmp_path):
     for name, got in (("y", halves), ("grad", results[0][-1]["grad"]), ("running_var", results[0][-1]["running_var"])):
         err, own = (got - fp32[name]).abs().max(), (single[name] - fp32[name]).abs().max()
         assert err <= 4 * own + 2.0**-8 * fp32[name].abs().max(), (name, err, own)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="needs 2 CUDA devices (one per NCCL process) and NCCL")
+@pytest.mark.parametrize("backend", ["fused", "triton", "reference"])
+def test_two_processes_equal_one_nccl(backend, tmp_path):
+    """The float64 scenarios over NCCL, each process on its own GPU, against one process on cuda:0 (float64: the
+    Triton backend runs synchronised Residuals through the fused ops, so only its sync-bn scenarios apply)."""
+    scenarios = [s for s in SCENARIOS if s[2] == torch.float64 and (s[1] or backend != "triton")]
+    results = _spawn(backend, tmp_path, "nccl", scenarios)
+    for i, (shares, sync, dtype) in enumerate(scenarios):
+        exact = w.run_single(backend, shares, sync, dtype, "cuda:0")
+        _assert_close_to_exact(results[0][i]["state"], None, exact["state"], f"nccl {backend} {shares} {sync}")
 
 
 def test_sync_bn_without_process_group_is_plain_batchnorm():
