@@ -6,7 +6,8 @@ Forward, training mode (M = N·H·W):
 where each "bnK" is only a finalize of per-tile partials into scale/shift (and the running-stats update); the
 normalised, rectified tensors are never written. Saved for backward: x, y1, y2 (conv outputs before their BN)
 and per-channel vectors. Backward runs, per conv from the last: dgrad (ReLU mask and BN reductions in its
-epilogue) and wgrad (prologue recomputed), then one elementwise pass for the BN input gradient.
+epilogue) and wgrad (prologue recomputed), then one elementwise pass for the BN input gradient; only the kernels
+`needs_input_grad` asks for (no wgrad for a frozen conv, no dgrad into an input or a stage that needs no gradient).
 """
 
 from __future__ import annotations
@@ -76,28 +77,58 @@ class FusedResidualFunction(torch.autograd.Function):
         g = g.contiguous()
         n, h, w, _ = x.shape
         m = n * h * w
+        need = _GradsNeeded(ctx.needs_input_grad, ctx.need_skip)
 
-        def bn_conv_backward(dy, weight, u, s, gamma, batch, extra):
-            """Gradients through relu(bn(u)) → conv: (du, dW, dbias, dγ, dβ)."""
-            dz, psum, pdot = _ops.conv_bnrelu_dgrad(dy, weight, u, *s)
-            dw, db = _ops.conv_bnrelu_wgrad(u, s[0], s[1], dy, weight.shape[-1])
-            sum_dz, sum_dz_xhat = psum.sum(0), pdot.sum(0)
-            a, b, c = ck.bn_backward_coefficients(gamma, s[2], s[3], sum_dz, sum_dz_xhat, m, batch)
-            du = _ops.bn_backward_apply(dz, u, s[2], a, b, c, extra)
-            return du, dw, db, sum_dz_xhat, sum_dz
+        def bn_conv_backward(dy, weight, u, s, gamma, batch, extra, want_du, want_bn, want_w):
+            """Gradients through relu(bn(u)) → conv: (du, dW, dbias, dγ, dβ), each None when not wanted. The dgrad
+            runs when du or the BN's parameters are wanted (its epilogue reduces Σdz, Σdz·x̂), the wgrad when the
+            conv's weight or bias is, and the apply pass only for du."""
+            du = dw = db = dgamma = dbeta = None
+            if want_du or want_bn:
+                dz, psum, pdot = _ops.conv_bnrelu_dgrad(dy, weight, u, *s)
+                dbeta, dgamma = psum.sum(0), pdot.sum(0)
+                if want_du:
+                    a, b, c = ck.bn_backward_coefficients(gamma, s[2], s[3], dbeta, dgamma, m, batch)
+                    du = _ops.bn_backward_apply(dz, u, s[2], a, b, c, extra)
+            if want_w:
+                dw, db = _ops.conv_bnrelu_wgrad(u, s[0], s[1], dy, weight.shape[-1])
+            return du, dw, db, dgamma, dbeta
 
-        dy2, dw3, db3, dg3, dbeta3 = bn_conv_backward(g, w3, y2, s3, gammas[2], ctx.batch[2], None)
-        dy1, dw2, db2, dg2, dbeta2 = bn_conv_backward(dy2, w2, y1, s2, gammas[1], ctx.batch[1], None)
+        dy2, dw3, db3, dg3, dbeta3 = bn_conv_backward(g, w3, y2, s3, gammas[2], ctx.batch[2], None, need.dy2,
+                                                      need.bn3, need.conv3)
+        dy1, dw2, db2, dg2, dbeta2 = bn_conv_backward(dy2, w2, y1, s2, gammas[1], ctx.batch[1], None, need.dy1,
+                                                      need.bn2, need.conv2) if need.dy2 else (None,) * 5
+        dx_skip = dws = dbs = None
         if ctx.need_skip:
-            dx_skip = _ops.conv_bnrelu_dgrad(g, ws, x, None, None, None, None)[0]
-            dws, dbs = _ops.conv_bnrelu_wgrad(x, None, None, g, 1)
-        else:
-            dx_skip, dws, dbs = g, None, None
-        dx, dw1, db1, dg1, dbeta1 = bn_conv_backward(dy1, w1, x, s1, gammas[0], ctx.batch[0], dx_skip)
-        dlow = _ops.sum_pool2x2_nhwc(g) if ctx.has_low else None
+            if need.x:
+                dx_skip = _ops.conv_bnrelu_dgrad(g, ws, x, None, None, None, None)[0]
+            if need.skip:
+                dws, dbs = _ops.conv_bnrelu_wgrad(x, None, None, g, 1)
+        elif need.x:
+            dx_skip = g
+        dx, dw1, db1, dg1, dbeta1 = bn_conv_backward(dy1, w1, x, s1, gammas[0], ctx.batch[0], dx_skip, need.x,
+                                                     need.bn1, need.conv1) if need.dy1 else (None,) * 5
+        dlow = _ops.sum_pool2x2_nhwc(g) if ctx.has_low and ctx.needs_input_grad[1] else None
         grads = [dg1, dbeta1, dw1, db1, dg2, dbeta2, dw2, db2, dg3, dbeta3, dw3, db3, dws, dbs]
-        grads = [None if gr is None else gr.to(dtype) for gr, dtype in zip(grads, ctx.param_dtypes, strict=True)]
+        grads = [None if gr is None or not wanted else gr.to(dtype)
+                 for gr, dtype, wanted in zip(grads, ctx.param_dtypes, ctx.needs_input_grad[3:], strict=True)]
         return (dx, dlow, None, *grads)
+
+
+class _GradsNeeded:
+    """Which backward kernels a call needs, from `needs_input_grad` of (x, low, block, γ1, β1, w1, b1, γ2, β2, w2,
+    b2, γ3, β3, w3, b3, w_skip, b_skip): a frozen conv gets no wgrad, an input that needs no gradient no dgrad, and
+    a stage whose inputs need nothing upstream is not differentiated at all."""
+
+    def __init__(self, needs: tuple[bool, ...], need_skip: bool) -> None:
+        params = needs[3:]
+        self.x = needs[0]
+        self.bn1, self.conv1 = any(params[0:2]), any(params[2:4])
+        self.bn2, self.conv2 = any(params[4:6]), any(params[6:8])
+        self.bn3, self.conv3 = any(params[8:10]), any(params[10:12])
+        self.skip = need_skip and any(params[12:14])
+        self.dy1 = self.x or self.bn1 or self.conv1  # the gradient of conv1's output
+        self.dy2 = self.dy1 or self.bn2 or self.conv2  # of conv2's output
 
 
 def _params(block: Residual) -> list[torch.Tensor]:

@@ -159,3 +159,101 @@ def test_fused_residual_module_is_a_drop_in():
 def test_rejects_wrong_channel_count():
     with pytest.raises(ValueError, match=r"x must be \[N, 6, H, W\]"):
         fused_residual(Residual(6, 6).to(DEVICE), torch.randn(1, 5, 4, 4, device=DEVICE))
+
+
+def _launches(monkeypatch) -> list[tuple[str, int | None, bool | None]]:
+    """Record every Triton launch as (kernel name without the leading underscore and `_kernel`, KSIZE, PROLOGUE)."""
+    from fused_hourglass.triton import conv_kernels as ck
+
+    seen = []
+    real = ck._launch
+
+    def launch(kernel, grid, *args, **kwargs):
+        name = getattr(kernel, "fn", kernel).__name__.strip("_").removesuffix("_kernel")
+        seen.append((name, kwargs.get("KSIZE"), kwargs.get("PROLOGUE")))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ck, "_launch", launch)
+    return seen
+
+
+def _frozen_case(block: Residual, x: torch.Tensor, frozen: list[str], x_grad: bool, monkeypatch):
+    """Backward of the fused block with the parameters named in `frozen` at requires_grad=False and x needing a
+    gradient or not, against the reference block with the same parameters frozen (float64). Returns the backward's
+    launches."""
+    ref = block.double()
+    fused_block = copy.deepcopy(ref).float().to(DEVICE)
+    for module in (ref, fused_block):
+        for name, p in module.named_parameters():
+            p.requires_grad_(name not in frozen)
+    g = torch.randn(x.shape[0], ref.conv3.conv.out_channels, *x.shape[2:], generator=torch.Generator().manual_seed(7),
+                    dtype=torch.float64)
+    x_ref = x.clone().requires_grad_(x_grad)
+    x_f = x.to(DEVICE, torch.float32).requires_grad_(x_grad)
+    ref(x_ref).backward(g)
+    out = fused_residual(fused_block, x_f)
+    seen = _launches(monkeypatch)
+    out.backward(g.to(DEVICE, torch.float32))
+    for (name, want), got in zip(ref.named_parameters(), fused_block.parameters(), strict=True):
+        if want.grad is None:
+            assert got.grad is None, name
+        else:
+            torch.testing.assert_close(got.grad.double().cpu(), want.grad, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+    if x_grad:
+        torch.testing.assert_close(x_f.grad.double().cpu(), x_ref.grad, atol=1e-4, rtol=1e-4)
+    return seen
+
+
+def test_frozen_convs_get_no_gradient_and_no_wgrad(monkeypatch):
+    """A frozen conv (weight and bias at requires_grad=False) launches no weight-gradient kernel; the others' and
+    x's gradients still match the reference."""
+    x = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 1
+    frozen = ["conv2.conv.weight", "conv2.conv.bias", "skip_layer.conv.weight", "skip_layer.conv.bias"]
+    seen = _frozen_case(_randomised_block(6, 10, seed=5), x, frozen, True, monkeypatch)
+    wgrads = [(k, p) for name, k, p in seen if name == "conv_bnrelu_wgrad"]
+    assert wgrads == [(1, True), (1, True)]  # conv3 and conv1; neither conv2 (3×3) nor the skip conv (no prologue)
+    assert [(k, p) for name, k, p in seen if name == "conv_bnrelu_dgrad"] == [(1, True), (3, True), (1, False),
+                                                                              (1, True)]
+
+
+def test_input_without_grad_gets_no_dgrad(monkeypatch):
+    """x needing no gradient: no dgrad through conv1 nor the skip conv and no BN-apply pass for bn1, but conv1's
+    dgrad still runs for bn1's parameters (its epilogue reduces their gradients); with bn1 frozen too it does not."""
+    x = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 1
+    seen = _frozen_case(_randomised_block(6, 10, seed=6), x, [], False, monkeypatch)
+    assert [(k, p) for name, k, p in seen if name == "conv_bnrelu_dgrad"] == [(1, True), (3, True), (1, True)]
+    assert sum(name == "bn_backward_apply" for name, *_ in seen) == 2  # bn3 and bn2 only
+    assert [(k, p) for name, k, p in seen if name == "conv_bnrelu_wgrad"] == [(1, True), (3, True), (1, False),
+                                                                              (1, True)]
+    seen = _frozen_case(_randomised_block(6, 10, seed=6), x, ["bn1.weight", "bn1.bias"], False, monkeypatch)
+    assert [(k, p) for name, k, p in seen if name == "conv_bnrelu_dgrad"] == [(1, True), (3, True)]
+
+
+def test_only_the_low_branch_needs_grad(monkeypatch):
+    """Everything frozen and x without gradient: the backward is the 2×2 sum pool for low alone."""
+    block = _randomised_block(6, 6, seed=8).to(DEVICE).requires_grad_(False)
+    x = torch.randn(1, 6, 4, 4, device=DEVICE)
+    low = torch.randn(1, 6, 2, 2, device=DEVICE, requires_grad=True)
+    out = fused_residual(block, x, low)
+    seen = _launches(monkeypatch)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert [name for name, *_ in seen] == ["sum_pool2x2"]
+    torch.testing.assert_close(low.grad, F.avg_pool2d(g, 2) * 4)
+
+
+def test_freeze_unused_skips_changes_no_launch(monkeypatch):
+    """The training engine's frozen identity-skip convs (never applied): gradients None as before, and the same
+    kernels run."""
+    from fused_hourglass.engine.distributed import freeze_unused_skips
+
+    block = _randomised_block(6, 6, seed=9).to(DEVICE)
+    x = torch.randn(1, 6, 3, 3, device=DEVICE, requires_grad=True)
+    before = _launches(monkeypatch)
+    fused_residual(block, x).sum().backward()
+    assert freeze_unused_skips(block) == 6 * 6 + 6
+    after = _launches(monkeypatch)
+    fused_residual(block, x).sum().backward()
+    assert block.skip_layer.conv.weight.grad is None and block.conv1.conv.weight.grad is not None
+    assert after == before[:len(after)] and len(before) == 2 * len(after)  # `before` also saw the second call
