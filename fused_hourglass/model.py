@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 
-from . import _ext, ops, reference
+from . import _ext, folding, ops, reference
 from .checkpoint import check_compatible, infer_config, read_state_dict
 from .ops.bn_relu import module_statistics_arguments
+from .ops.recompute import ConvStep, bn_relu_conv_chain
 from .ops.sync_bn import sync_active, sync_bn_relu, sync_bn_relu_conv2d
 
 BACKENDS = ("auto", "reference", "fused", "triton")
+RECOMPUTE = ("none", "conv1", "block")
 _FUSED_OPS = ("upsample_add", "bn_relu_forward", "max_pool2x2")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the Triton conv kernels' (no float64)
 
@@ -45,6 +47,13 @@ def _bn_relu_conv(bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d, u: torch.Tens
     running_mean, running_var, training, momentum = module_statistics_arguments(bn)
     return ops.bn_relu_conv2d(u, bn.weight, bn.bias, running_mean, running_var, training, momentum, bn.eps,
                               conv.weight, conv.bias, conv.padding[0])
+
+
+def _conv_step(bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d) -> ConvStep:
+    """The step's arguments for one forward (counting the batch in bn.num_batches_tracked, as `_bn_relu_conv`)."""
+    running_mean, running_var, training, momentum = module_statistics_arguments(bn)
+    return ConvStep(bn.weight, bn.bias, running_mean, running_var, training, momentum, bn.eps, conv.weight, conv.bias,
+                    conv.padding[0])
 
 
 class Conv(reference.Conv):
@@ -67,10 +76,16 @@ class Conv(reference.Conv):
 
 
 class Residual(reference.Residual):
-    """Reference bottleneck, computed as three fused BN-ReLU-conv steps ("fused") or the Triton chain."""
+    """Reference bottleneck, computed as three fused BN-ReLU-conv steps ("fused") or the Triton chain.
+
+    `recompute` (set by StackedHourglass) is the fused backend's memory policy when autograd records: "none" saves
+    the three BatchNorm inputs (x, conv1's and conv2's outputs), "conv1" recomputes conv1's output from x in backward
+    (`bn_relu_conv_chain` over steps 1–2), "block" recomputes conv1's and conv2's outputs, keeping only x. The
+    triton, reference and synchronised-BatchNorm (`_synced`) paths save as they always do."""
 
     mode = "reference"
     sync = None
+    recompute = "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sync is not None:
@@ -80,6 +95,12 @@ class Residual(reference.Residual):
         if self.mode == "reference":
             return super().forward(x)
         residual = self.skip_layer(x) if self.need_skip else x
+        if self.recompute != "none" and torch.is_grad_enabled():
+            steps = [_conv_step(self.bn1, self.conv1.conv), _conv_step(self.bn2, self.conv2.conv),
+                     _conv_step(self.bn3, self.conv3.conv)]
+            if self.recompute == "block":
+                return bn_relu_conv_chain(x, steps) + residual
+            return ops.bn_relu_conv2d(bn_relu_conv_chain(x, steps[:2]), *steps[2]) + residual
         out = _bn_relu_conv(self.bn1, self.conv1.conv, x)
         out = _bn_relu_conv(self.bn2, self.conv2.conv, out)
         out = _bn_relu_conv(self.bn3, self.conv3.conv, out)
@@ -152,19 +173,34 @@ class StackedHourglass(reference.StackedHourglass):
             (`fused_hourglass.ops.sync_bn`). Without an initialised process group, or with one process, it is plain
             BatchNorm. May be changed later through the `sync_bn` attribute. On the triton backend the Residuals
             then run as the fused backend's (the Triton chain keeps its statistics on the device).
+        recompute: the fused backend's memory policy in training, "none" (default), "conv1" or "block": what each
+            Residual saves for backward (see `Residual`). "none" keeps x, conv1's and conv2's outputs; "conv1"
+            recomputes conv1's 1×1 output from x in backward (one more 1×1 convolution); "block" recomputes conv1's
+            and conv2's outputs from x, keeping only x. Outputs, gradients and running statistics are the same
+            under every policy (the recompute normalises with the forward's batch statistics and updates nothing).
+            With a policy other than "none", "auto" picks "fused" over "triton" for training; the triton and
+            reference backends, and synchronised BatchNorm across processes, save as with "none". May be changed
+            later through the `recompute` attribute.
     Input [B, 3, H, W] with H, W multiples of 64; output [B, nstack, oup_dim, H/4, W/4].
+
+    In eval mode without gradients (`torch.no_grad()`, `torch.inference_mode()`) the fused backend runs the folded
+    inference path (`fused_hourglass.folding`): BatchNorms folded into the convolutions before them, ReLUs and
+    additions fused into the convolutions; the `folded_inference` attribute (default True) turns it off.
     """
 
     residual_cls = Residual
     hourglass_cls = Hourglass
     pool_cls = Pool
     conv_cls = Conv
+    folded_inference = True
 
     def __init__(self, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 16, bn: bool = False, increase: int = 0,
-                 *, backend: str = "auto", input_format: str = "NCHW", sync_bn: bool = False) -> None:
+                 *, backend: str = "auto", input_format: str = "NCHW", sync_bn: bool = False,
+                 recompute: str = "none") -> None:
         super().__init__(nstack, inp_dim, oup_dim, bn, increase, input_format=input_format)
         self.config = {"nstack": nstack, "inp_dim": inp_dim, "oup_dim": oup_dim, "increase": increase}
         self.backend = backend
+        self.recompute = recompute
         self._active: str | None = None
         self.sync_bn = sync_bn
         self.process_group = None
@@ -179,6 +215,19 @@ class StackedHourglass(reference.StackedHourglass):
         if value not in BACKENDS:
             raise ValueError(f"StackedHourglass: backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
+
+    @property
+    def recompute(self) -> str:
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: str) -> None:
+        if value not in RECOMPUTE:
+            raise ValueError(f"StackedHourglass: recompute must be one of {RECOMPUTE}, got {value!r}")
+        self._recompute = value
+        for m in self.modules():
+            if isinstance(m, Residual):
+                m.recompute = value
 
     @property
     def sync_bn(self) -> bool:
@@ -204,7 +253,8 @@ class StackedHourglass(reference.StackedHourglass):
             return self._backend
         if dtype is None:
             dtype = next(self.parameters(), torch.empty(0)).dtype
-        if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_available():
+        if (device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_available()
+                and (self._recompute == "none" or not self.training)):
             return "triton"
         fused = all(_ext.has_kernel(op, device.type) for op in _FUSED_OPS)
         return "fused" if fused else "reference"
@@ -223,15 +273,18 @@ class StackedHourglass(reference.StackedHourglass):
                 if isinstance(m, _MODAL):
                     m.sync = group
             self._sync_routed = group
+        if self.training:
+            folding.clear_cache(self)
         if active == "reference":
             return super().forward(imgs)
+        run = (lambda x: folding.forward(self, x)) if folding.applies(self, active) else super().forward
         # The fused backends run channels_last whatever the input's layout: one conversion here, at the stem, not
         # one per layout-sensitive op. The output comes back in the layout the reference gives for the same input.
         nhwc = self.input_format == "NHWC"
         if (imgs.is_contiguous() if nhwc else _ext.memory_format_of(imgs) == torch.channels_last):
-            return super().forward(imgs)
+            return run(imgs)
         x = imgs.contiguous() if nhwc else imgs.contiguous(memory_format=torch.channels_last)
-        return super().forward(x).contiguous()
+        return run(x).contiguous()
 
     @classmethod
     def from_checkpoint(cls, source: str | os.PathLike | Mapping[str, Any], **kwargs: Any) -> StackedHourglass:
