@@ -277,7 +277,7 @@ class StackedHourglass(reference.StackedHourglass):
             folding.clear_cache(self)
         if active == "reference":
             return super().forward(imgs)
-        run = (lambda x: folding.forward(self, x)) if folding.applies(self, active) else super().forward
+        run = (lambda x: folding.forward(self, x)) if folding.applies(self, active) else self._fused_forward
         # The fused backends run channels_last whatever the input's layout: one conversion here, at the stem, not
         # one per layout-sensitive op. The output comes back in the layout the reference gives for the same input.
         nhwc = self.input_format == "NHWC"
@@ -285,6 +285,33 @@ class StackedHourglass(reference.StackedHourglass):
             return run(imgs)
         x = imgs.contiguous() if nhwc else imgs.contiguous(memory_format=torch.channels_last)
         return run(x).contiguous()
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference forward; under a recompute policy, each stack's head (the feature convolution, its BatchNorm
+        and ReLU, then the prediction and feature-merge convolutions as one convolution of their concatenated
+        weights) runs as one `bn_relu_conv_chain` that saves only the head's input."""
+        if self._recompute == "none" or self._active != "fused" or self._sync_routed is not None or (
+                not torch.is_grad_enabled()):
+            return super().forward(x)
+        x = self.pre(x.permute(0, 3, 1, 2) if self.input_format == "NHWC" else x)
+        oup_dim = self.outs[0].conv.out_channels
+        preds_per_stack = []
+        for i in range(self.nstack):
+            feature = self.features[i]
+            h = feature[0](self.hgs[i](x))
+            heads = [self.outs[i].conv] + ([self.merge_features[i].conv.conv] if i < self.nstack - 1 else [])
+            step = _conv_step(feature[1].bn, heads[0])
+            if len(heads) > 1:
+                step = step._replace(conv_weight=torch.cat([c.weight for c in heads]),
+                                     conv_bias=torch.cat([c.bias for c in heads]))
+            conv = feature[1].conv
+            y = bn_relu_conv_chain(h, [step], first_conv=(conv.weight, conv.bias, conv.padding[0]))
+            # a copy: merge_preds saves its input, and a view would keep all of y alive
+            preds = y[:, :oup_dim].contiguous(memory_format=_ext.memory_format_of(y))
+            preds_per_stack.append(preds)
+            if i < self.nstack - 1:
+                x = x + self.merge_preds[i](preds) + y[:, oup_dim:]
+        return torch.stack(preds_per_stack, 1)
 
     @classmethod
     def from_checkpoint(cls, source: str | os.PathLike | Mapping[str, Any], **kwargs: Any) -> StackedHourglass:
