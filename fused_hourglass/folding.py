@@ -1,0 +1,255 @@
+"""Folded inference: the eval-mode network with every BatchNorm that follows a convolution folded into it.
+
+In eval mode a BatchNorm is the per-channel affine map y ↦ y·s + t, s = γ/√(running_var + eps), t = β − running_mean·s,
+so after a convolution it folds into the convolution: W' = W·s per output channel, b' = b·s + t (computed in float64,
+then rounded to the convolution's dtype). Folded: the stem Conv's BN, each Residual's bn2 (into conv1) and bn3 (into
+conv2), each stack's feature Conv's BN. bn1 has no convolution before it (and a ReLU between it and the next): it
+stays one `bn_relu_apply` pass. What follows a folded convolution, its ReLU, and the residual and merge additions run
+inside the convolution as oneDNN post-ops (`torch.ops.mkldnn._convolution_pointwise`, "relu" and binary "add") on the
+CPU in float32 (and bfloat16 where oneDNN supports it); elsewhere (float64, CUDA, a torch without those ops) as the
+convolution followed by an in-place ReLU or add.
+
+The folded tensors are cached on the model per layer and compute dtype, under a key of every source tensor's
+data_ptr, version counter, dtype, device and strides (the cache keeps the source storages alive, so an address is
+never reused while its key is held): an optimizer step, `load_state_dict`, a training forward's running-statistics
+update, `with torch.no_grad(): w.mul_(2)`, `to(dtype / device / memory_format)` or a replaced parameter refolds that
+layer at the next folded forward. Writes through `.data` bypass the version counter: call `clear_cache(model)` after
+them. A training-mode forward drops the cache.
+
+`StackedHourglass` takes this path on the fused backend in eval mode when no gradient is recorded (`torch.no_grad()`,
+`torch.inference_mode()`), not under torch.compile or torch.export (which trace the unfolded ops, visible as ops),
+and with no forward hook on a submodule (the folded path calls none, so hooks keep the modules' own forwards);
+`model.folded_inference = False` turns it off. `fold_reference(model)` is its plain-PyTorch twin: a reference
+StackedHourglass with the same folded weights and nn.Identity in place of each folded BatchNorm, which `export --onnx`
+exports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _ext, ops, reference
+from .checkpoint import infer_config
+
+__all__ = ["applies", "forward", "fold_conv_bn", "bn_scale_shift", "fold_reference", "clear_cache", "FoldCache",
+           "pointwise_conv_available"]
+
+# oneDNN convolutions with fused post-ops (the ones Inductor emits on the CPU); None in a torch without them.
+_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+
+
+def pointwise_conv_available(x: torch.Tensor) -> bool:
+    """Whether oneDNN's post-op fused convolution serves x (CPU, float32, or bfloat16 where oneDNN has it)."""
+    if _POINTWISE is None or x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if x.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return x.dtype == torch.float32
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) of the eval-mode BatchNorm y·s + t, in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("folded inference: every BatchNorm needs running statistics (track_running_stats=True); "
+                         "set model.folded_inference = False to run this model in eval mode")
+    var = bn.running_var.detach().double()
+    s = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        s = s * bn.weight.detach().double()
+    t = -bn.running_mean.detach().double() * s
+    if bn.bias is not None:
+        t = t + bn.bias.detach().double()
+    return s, t
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') of `bn(conv(x))` as one convolution, in `dtype` (W' in conv.weight's memory format); with bn None,
+    conv's own weight and bias (zeros when it has none) in `dtype`."""
+    w = conv.weight.detach()
+    b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    if bn is None:
+        return w.to(dtype), b.to(dtype)
+    s, t = _bn_affine(bn)
+    folded = (w.double() * s[:, None, None, None]).to(dtype)
+    return folded.contiguous(memory_format=_ext.memory_format_of(w)), (b.double() * s + t).to(dtype)
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d, u_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode (scale, shift) of `bn` for `bn_relu_apply` on u of `u_dtype` (float64 for float64 u, else
+    float32: the statistics dtype)."""
+    s, t = _bn_affine(bn)
+    stats = torch.float64 if u_dtype == torch.float64 else torch.float32
+    return s.to(stats), t.to(stats)
+
+
+def _tensor_key(t: torch.Tensor | None):
+    if t is None:
+        return None
+    return t.data_ptr(), t._version, t.dtype, t.device, t.stride()
+
+
+class FoldCache:
+    """Folded tensors per (layer, dtype), each kept with the key of the tensors it was computed from; `folds` counts
+    the computations (a cache miss each)."""
+
+    def __init__(self) -> None:
+        self.entries: dict = {}
+        self.folds = 0
+
+    def get(self, layer: nn.Module, dtype: torch.dtype, sources: Sequence[torch.Tensor | None],
+            compute: Callable[[], tuple[torch.Tensor, ...]], extra: tuple = ()) -> tuple[torch.Tensor, ...]:
+        try:
+            key = (*extra, *map(_tensor_key, sources))
+        except RuntimeError:  # inference tensors keep no version counter: nothing can be cached for them
+            return compute()
+        slot = (layer, dtype)
+        entry = self.entries.get(slot)
+        if entry is not None and entry[0] == key:
+            return entry[2]
+        with torch.inference_mode(False), torch.no_grad():
+            value = compute()
+        self.folds += 1
+        # The storages keep their addresses from being reused by other tensors while the key holds them.
+        storages = [t.untyped_storage() for t in sources if t is not None]
+        self.entries[slot] = (key, storages, value)
+        return value
+
+
+def _cache(model: nn.Module) -> FoldCache:
+    cache = model.__dict__.get("_fold_cache")
+    if cache is None:
+        cache = FoldCache()
+        model.__dict__["_fold_cache"] = cache
+    return cache
+
+
+def clear_cache(model: nn.Module) -> None:
+    """Drop `model`'s folded tensors (they are recomputed at the next folded forward)."""
+    model.__dict__.pop("_fold_cache", None)
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook is registered on a submodule of `model` or globally: the folded path calls
+    no submodule, so it would never fire."""
+    from torch.nn.modules import module as hooks
+
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model)
+
+
+def applies(model: nn.Module, backend: str) -> bool:
+    """Whether a forward of `model` on `backend` takes the folded path (see the module docstring)."""
+    return (backend == "fused" and getattr(model, "folded_inference", True) and not model.training
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _hooked(model))
+
+
+class _Run:
+    """One folded forward: the cache, the compute dtype and whether oneDNN's post-ops serve it."""
+
+    def __init__(self, cache: FoldCache, x: torch.Tensor) -> None:
+        self.cache = cache
+        self.dtype = x.dtype
+        self.pointwise = pointwise_conv_available(x)
+
+    def conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, x: torch.Tensor, *, relu: bool = False,
+             add: torch.Tensor | None = None) -> torch.Tensor:
+        """relu(bn(conv(x))) (relu optional) or bn(conv(x)) + add, BatchNorm folded."""
+        sources = (conv.weight, conv.bias) if bn is None else (conv.weight, conv.bias, bn.weight, bn.bias,
+                                                               bn.running_mean, bn.running_var)
+        w, b = self.cache.get(conv, self.dtype, sources, lambda: fold_conv_bn(conv, bn, self.dtype),
+                              extra=() if bn is None else (bn.eps,))
+        if self.pointwise:
+            args = (w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+            if add is not None:
+                add = add.contiguous(memory_format=_ext.memory_format_of(x))
+                return _POINTWISE.binary(x, add, *args, "add", None, None, [], None)
+            return _POINTWISE.default(x, *args, "relu" if relu else "none", [], None)
+        y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if relu:
+            y.relu_()
+        if add is not None:
+            y.add_(add)
+        return y
+
+    def conv_module(self, c: reference.Conv, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(c.conv, c.bn, x, relu=c.relu is not None, add=add)
+
+    def bn_relu(self, bn: nn.BatchNorm2d, u: torch.Tensor) -> torch.Tensor:
+        sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        scale, shift = self.cache.get(bn, u.dtype, sources, lambda: bn_scale_shift(bn, u.dtype), extra=(bn.eps,))
+        if u.numel() and _ext.has_kernel("bn_relu_apply", u.device.type):
+            return torch.ops.fused_hourglass.bn_relu_apply.default(u, scale, shift)
+        r = torch.relu(u.to(scale.dtype) * scale[:, None, None] + shift[:, None, None]).to(u.dtype)
+        return r.contiguous(memory_format=_ext.memory_format_of(u))
+
+    def residual(self, block: reference.Residual, x: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+        """block(x), plus nearest_up2x(low) when given (the hourglass merge), added to the skip before conv3's
+        post-op add."""
+        skip = self.conv_module(block.skip_layer, x) if block.need_skip else x
+        if low is not None:
+            skip = ops.upsample_add(low, skip)
+        out = self.conv(block.conv1.conv, block.bn2, self.bn_relu(block.bn1, x), relu=True)
+        out = self.conv(block.conv2.conv, block.bn3, out, relu=True)
+        return self.conv(block.conv3.conv, None, out, add=skip)
+
+    def hourglass(self, hg: reference.Hourglass, x: torch.Tensor) -> torch.Tensor:
+        low = self.residual(hg.low1, ops.max_pool2x2(x))
+        low = self.hourglass(hg.low2, low) if isinstance(hg.low2, reference.Hourglass) else self.residual(hg.low2, low)
+        return self.residual(hg.up1, x, low=self.residual(hg.low3, low))
+
+
+def forward(model: reference.StackedHourglass, imgs: torch.Tensor) -> torch.Tensor:
+    """The folded eval forward of `model` (a StackedHourglass): the output of the unfolded one, up to rounding."""
+    x = imgs.permute(0, 3, 1, 2) if model.input_format == "NHWC" else imgs
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    if autocast and model.pre[0].conv.weight.dtype != torch.float64:
+        x = x.to(torch.get_autocast_dtype(device))  # as autocast's convolutions: everything in the low precision
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+        run = _Run(_cache(model), x)
+        stem, block1, _, block2, block3 = model.pre
+        x = run.conv_module(stem, x)
+        x = run.residual(block3, run.residual(block2, ops.max_pool2x2(run.residual(block1, x))))
+        preds_per_stack = []
+        for i in range(model.nstack):
+            block, conv = model.features[i]
+            feature = run.conv_module(conv, run.residual(block, run.hourglass(model.hgs[i][0], x)))
+            preds = run.conv_module(model.outs[i], feature)
+            preds_per_stack.append(preds)
+            if i < model.nstack - 1:
+                x = run.conv_module(model.merge_preds[i].conv, preds, add=x)
+                x = run.conv_module(model.merge_features[i].conv, feature, add=x)
+        return torch.stack(preds_per_stack, 1)
+
+
+def fold_reference(model: nn.Module) -> reference.StackedHourglass:
+    """A plain-PyTorch copy of the StackedHourglass `model` (any backend), in eval mode, with every BatchNorm that
+    follows a convolution folded into it and replaced by nn.Identity: the folded path in reference ops, on model's
+    device and dtype. Its state dict lacks the folded BatchNorms' keys; `model` is left unchanged."""
+    config = infer_config(model.state_dict())
+    weight = model.pre[0].conv.weight
+    folded = reference.StackedHourglass(**config, input_format=getattr(model, "input_format", "NCHW"))
+    folded.to(device=weight.device, dtype=weight.dtype).load_state_dict(model.state_dict())
+    folded.eval()
+
+    def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+        w, b = fold_conv_bn(conv, bn, conv.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
+
+    for m in list(folded.modules()):
+        if isinstance(m, reference.Residual):
+            fold(m.conv1.conv, m.bn2)
+            fold(m.conv2.conv, m.bn3)
+            m.bn2, m.bn3 = nn.Identity(), nn.Identity()
+        elif isinstance(m, reference.Conv) and m.bn is not None:
+            fold(m.conv, m.bn)
+            m.bn = nn.Identity()
+    return folded

@@ -1,0 +1,315 @@
+"""Folded inference (fused_hourglass.folding): the fused model's eval forward with its BatchNorms folded into the
+convolutions, judged against the unfolded model in float64; its plain-PyTorch twin (fold_reference); and the cache of
+folded weights, recomputed after every kind of change to a parameter or buffer, never stale."""
+
+import pytest
+import torch
+from torch import nn
+
+from fused_hourglass import StackedHourglass, folding, reference
+
+from .conftest import requires_extension
+
+pytestmark = requires_extension
+
+CONFIG = (2, 16, 4)  # nstack, inp_dim, oup_dim: every kind of layer, the merges between two stacks included
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm parameters and running statistics away from their identity defaults, so that folding matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t, (lo, hi) in ((m.weight, (0.5, 1.5)), (m.bias, (-0.3, 0.3)), (m.running_mean, (-0.5, 0.5)),
+                                    (m.running_var, (0.5, 2.0))):
+                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    return model
+
+
+def _model(**kwargs) -> StackedHourglass:
+    return _randomize(StackedHourglass(*CONFIG, backend="fused", **kwargs)).eval()
+
+
+def _images(batch: int = 2, dtype=torch.float32) -> torch.Tensor:
+    return torch.rand(batch, 3, 64, 64, dtype=dtype)
+
+
+def _folds(model) -> int:
+    cache = model.__dict__.get("_fold_cache")
+    return 0 if cache is None else cache.folds
+
+
+@torch.no_grad()
+def _folded(model, x):
+    before = _folds(model)
+    out = model(x)
+    return out, _folds(model) - before
+
+
+@torch.no_grad()
+def _unfolded(model, x):
+    model.folded_inference = False
+    try:
+        return model(x)
+    finally:
+        model.folded_inference = True
+
+
+@torch.no_grad()
+def _float64(model, x):
+    ref = reference.StackedHourglass(*CONFIG, input_format=model.input_format).double().eval()
+    ref.load_state_dict(model.state_dict())
+    return ref(x.double())
+
+
+def _assert_fp32_tolerance(out, unfolded, exact):
+    """The folded output's error against float64 within twice the unfolded model's (or 1e-5 of the output scale)."""
+    err, err_unfolded = (float((t.double() - exact).abs().max()) for t in (out, unfolded))
+    assert err <= max(2 * err_unfolded, 1e-5 * float(exact.abs().max())), (err, err_unfolded)
+
+
+def _layers(model) -> int:
+    """Folded tensors one forward computes: two folds and bn1's scale/shift per Residual, one per other Conv."""
+    residuals = sum(isinstance(m, reference.Residual) for m in model.modules())
+    convs = sum(isinstance(m, reference.Conv) for m in model.modules())  # skip layers included, conv1..3 included
+    used_skips = sum(isinstance(m, reference.Residual) and m.need_skip for m in model.modules())
+    unused_skips = residuals - used_skips
+    # every Conv module's convolution once (conv1, conv2 with their BN; conv3; used skips; stem, features, outs,
+    # merges), except the skips never applied; plus each bn1
+    return convs - unused_skips + residuals
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nhwc"])
+def test_folded_matches_unfolded_in_float32_judged_in_float64(layout):
+    model = _model(input_format="NHWC" if layout == "nhwc" else "NCHW")
+    x = _images()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "nhwc":
+        x = x.permute(0, 2, 3, 1).contiguous()
+    out, folds = _folded(model, x)
+    assert folds == _layers(model)  # the folded path ran, every layer folded once
+    unfolded = _unfolded(model, x)
+    assert out.dtype == unfolded.dtype and out.shape == unfolded.shape and out.stride() == unfolded.stride()
+    _assert_fp32_tolerance(out, unfolded, _float64(model, x))
+
+
+def test_float64_folded_equals_unfolded():
+    model = _model().double()
+    x = _images(dtype=torch.float64)
+    out, folds = _folded(model, x)
+    assert folds > 0
+    torch.testing.assert_close(out, _unfolded(model, x), atol=1e-12, rtol=1e-12)
+
+
+def test_fold_reference_is_the_plain_pytorch_twin():
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = folding.fold_reference(model)
+    assert type(twin) is reference.StackedHourglass and not twin.training
+    residuals = sum(isinstance(m, reference.Residual) for m in model.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in twin.modules()) == residuals  # only the bn1s are left
+    for k, v in model.state_dict().items():  # the model itself is untouched
+        assert torch.equal(v, state[k]), k
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(_folded(model, x)[0], twin(x), atol=1e-5, rtol=1e-5)
+        model64, x64 = model.double(), x.double()
+        torch.testing.assert_close(folding.fold_reference(model64)(x64), _unfolded(model64, x64), atol=1e-12,
+                                   rtol=1e-12)
+
+
+def test_cache_serves_the_second_forward_bit_identically():
+    model, x = _model(), _images()
+    first, folds = _folded(model, x)
+    second, again = _folded(model, x)
+    assert folds > 0 and again == 0
+    assert torch.equal(first, second)
+
+
+def _train_forward(model, x):
+    model.train()
+    model(x)  # running statistics updated in place
+    model.eval()
+
+
+def _optimizer_step(model, x):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().mean().backward()
+    opt.step()
+    model.eval()
+
+
+def _load_other(model, x):
+    model.load_state_dict(_randomize(StackedHourglass(*CONFIG), seed=1).state_dict())
+
+
+def _weight_inplace(model, x):
+    with torch.no_grad():
+        model.hgs[0][0].up1.conv2.conv.weight.mul_(1.5)
+
+
+def _running_var_inplace(model, x):
+    with torch.no_grad():
+        model.pre[1].bn2.running_var.mul_(3.0)
+
+
+def _stem_bn_bias_inplace(model, x):
+    with torch.no_grad():
+        model.pre[0].bn.bias.add_(0.5)
+
+
+def _replace_parameter(model, x):
+    conv = model.features[0][1].conv
+    conv.weight = nn.Parameter(conv.weight.detach() * -1.0)
+
+
+def _change_eps(model, x):
+    model.hgs[1][0].low1.bn3.eps = 0.5
+
+
+CHANGES = {
+    "train_eval_toggle": _train_forward,
+    "optimizer_step": _optimizer_step,
+    "load_state_dict": _load_other,
+    "inplace_weight": _weight_inplace,
+    "inplace_running_var": _running_var_inplace,
+    "inplace_bn_bias": _stem_bn_bias_inplace,
+    "replaced_parameter": _replace_parameter,
+    "bn_eps": _change_eps,
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_changes_refold_never_stale(change):
+    model, x = _model(), _images()
+    before, _ = _folded(model, x)
+    CHANGES[change](model, _images(4))
+    after, folds = _folded(model, x)
+    assert folds > 0
+    assert not torch.allclose(after, before, atol=1e-4)  # the change matters ...
+    unfolded = _unfolded(model, x)
+    _assert_fp32_tolerance(after, unfolded, _float64(model, x))  # ... and the folded model saw it
+
+
+@pytest.mark.parametrize("to", ["float64", "channels_last", "bfloat16"])
+def test_to_refolds(to):
+    model, x = _model(), _images()
+    _folded(model, x)
+    if to == "channels_last":
+        model.to(memory_format=torch.channels_last)
+    else:
+        model.to(getattr(torch, to))
+        x = x.to(getattr(torch, to))
+    out, folds = _folded(model, x)
+    residuals = sum(isinstance(m, reference.Residual) for m in model.modules())
+    # every layer refolded from the converted tensors; channels_last leaves the 1-D ones (bn1's) as they were
+    assert folds == _layers(model) - (residuals if to == "channels_last" else 0)
+    assert out.dtype == x.dtype
+    unfolded = _unfolded(model, x)
+    if to == "float64":
+        torch.testing.assert_close(out, unfolded, atol=1e-12, rtol=1e-12)
+    elif to == "channels_last":
+        _assert_fp32_tolerance(out, unfolded, _float64(model, x))
+    else:  # bfloat16 weights: within twice the unfolded bfloat16 model's error (plus a bfloat16 ulp of the scale)
+        exact = _float64(model, x)
+        err, err_unfolded = (float((t.double() - exact).abs().max()) for t in (out, unfolded))
+        assert err <= 2 * err_unfolded + 2**-8 * float(exact.abs().max()), (err, err_unfolded)
+
+
+def test_writes_through_data_need_clear_cache():
+    """`.data` bypasses the version counter (documented): clear_cache is the way to refold after it."""
+    model, x = _model(), _images()
+    _folded(model, x)
+    model.pre[1].bn2.running_var.data.mul_(3.0)
+    folding.clear_cache(model)
+    out, folds = _folded(model, x)
+    assert folds == _layers(model)
+    _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
+
+
+def test_training_forward_drops_the_cache():
+    model, x = _model(), _images()
+    _folded(model, x)
+    model.train()
+    model(x)
+    assert "_fold_cache" not in model.__dict__
+
+
+def test_gradients_hooks_and_the_switch_keep_the_unfolded_path():
+    model, x = _model(), _images()
+    out = model(x)  # eval with gradients recorded: the unfolded, differentiable path
+    assert out.requires_grad and _folds(model) == 0
+    out.sum().backward()
+    assert model.pre[0].conv.weight.grad is not None
+    seen = []
+    handle = model.features[0][0].register_forward_hook(lambda m, args, output: seen.append(output.shape))
+    assert _folded(model, x)[1] == 0 and len(seen) == 1  # a hook on a submodule still fires
+    handle.remove()
+    model.folded_inference = False
+    assert _folded(model, x)[1] == 0
+    model.folded_inference = True
+    assert _folded(model, x)[1] > 0
+    with torch.inference_mode():
+        assert torch.equal(model(x), _folded(model, x)[0])
+
+
+def test_reference_and_triton_backends_do_not_fold():
+    model, x = _model(), _images()
+    model.backend = "reference"
+    assert _folded(model, x)[1] == 0
+    assert not folding.applies(model, "triton")
+
+
+def test_missing_running_statistics_is_a_clear_error():
+    model, x = _model(), _images()
+    model.pre[0].bn.running_mean = None
+    model.pre[0].bn.running_var = None
+    with pytest.raises(ValueError, match="folded inference: every BatchNorm needs running statistics"):
+        _folded(model, x)
+    model.folded_inference = False
+    assert _unfolded(model, x).shape == (2, CONFIG[0], CONFIG[2], 16, 16)
+
+
+@pytest.mark.skipif(not folding.pointwise_conv_available(torch.empty(1)),
+                    reason="torch.ops.mkldnn._convolution_pointwise is not available in this torch")
+def test_relu_and_additions_run_as_onednn_post_ops(monkeypatch):
+    calls = {"relu": 0, "none": 0, "add": 0}
+    pointwise = folding._POINTWISE
+
+    class Counting:
+        def default(self, *args):
+            calls[args[7]] += 1
+            return pointwise.default(*args)
+
+        def binary(self, *args):
+            calls[args[8]] += 1
+            return pointwise.binary(*args)
+
+    monkeypatch.setattr(folding, "_POINTWISE", Counting())
+    model, x = _model(), _images()
+    out, _ = _folded(model, x)
+    nstack = CONFIG[0]
+    residuals = sum(isinstance(m, reference.Residual) for m in model.modules())
+    used_skips = sum(isinstance(m, reference.Residual) and m.need_skip for m in model.modules())
+    # relu: the stem, conv1 and conv2 of every Residual, each stack's feature Conv; add: each conv3 (the skip) and
+    # the two merges between stacks; none: the used skip convolutions and each stack's output convolution
+    assert calls == {"relu": 1 + 2 * residuals + nstack, "add": residuals + 2 * (nstack - 1),
+                     "none": used_skips + nstack}
+    _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
+
+
+def test_autocast_bfloat16_within_the_reference_error():
+    model, x = _model(), _images()
+    ref = reference.StackedHourglass(*CONFIG).eval()
+    ref.load_state_dict(model.state_dict())
+    exact = _float64(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, folds = _folded(model, x)
+        with torch.no_grad():
+            want = ref(x)
+    assert folds > 0 and out.dtype == want.dtype == torch.bfloat16
+    err, err_ref = (float((t.double() - exact).abs().max()) for t in (out, want))
+    assert err <= 2 * err_ref, (err, err_ref)
