@@ -1,4 +1,4 @@
-"""Command line: `python -m fused_hourglass train | evaluate | predict | info | bench`.
+"""Command line: `python -m fused_hourglass train | evaluate | predict | export | info | bench`.
 
 The main job is `python -m fused_hourglass train --preset demo`: a small stacked hourglass trained on the embedded
 synthetic people, with a PCKh table, curves and a prediction picture at the end."""
@@ -14,6 +14,7 @@ import torch
 
 from . import _ext
 from .engine.config import PRESETS, TrainConfig
+from .engine.export import OPSET
 
 
 def _build_info() -> dict:
@@ -236,6 +237,19 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from .engine.export import export_onnx
+    from .engine.train import find_checkpoint
+
+    done = export_onnx(_model_checkpoint(args.checkpoint, find_checkpoint), args.onnx, res=args.res,
+                       opset=args.opset)
+    config = done["config"]
+    print(f"wrote {done['path']}: StackedHourglass(nstack={config['nstack']}, inp_dim={config['inp_dim']}, "
+          f"oup_dim={config['oup_dim']}), ONNX opset {done['opset']}, input images [batch, 3, {done['res']}, "
+          f"{done['res']}], {done['folded']} of {done['batchnorms']} BatchNorms folded into their convolutions")
+    return 0
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="FILE|DIR", help="a checkpoint of this package or of the "
                    "published port, or a run directory (its model.pt)")
@@ -273,6 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "image); the crop is 1.25 × its longer side")
     p.add_argument("--out", default="predictions", metavar="DIR", help="default: predictions")
     p.set_defaults(func=predict)
+    p = sub.add_parser("export", help="a checkpoint as an ONNX file (BatchNorms folded), for onnxruntime and others",
+                       description="Export a checkpoint's network to ONNX through the reference backend, every "
+                       "BatchNorm that follows a convolution folded into it (each Residual's first BatchNorm stays a "
+                       f"BatchNormalization node). Default ONNX opset {OPSET}; input 'images' [batch, 3, res, res] "
+                       "float32 NCHW in [0, 1] with a dynamic batch axis, output 'heatmaps' [batch, nstack, oup_dim, "
+                       "res/4, res/4]. Needs the onnx and onnxscript packages (pip install 'fused_hourglass[onnx]').")
+    p.add_argument("--checkpoint", required=True, metavar="FILE|DIR", help="a checkpoint of this package or of the "
+                   "published port, or a run directory (its model.pt)")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    p.add_argument("--res", type=int, help="input side in pixels, a multiple of 64 (default: the checkpoint's, 256 "
+                   "for the port's)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
+    p.set_defaults(func=export)
     p_info = sub.add_parser("info", help="what was built, and a timed forward and training step of one model")
     p_info.add_argument("--nstack", type=int, default=1, help="default: 1")
     p_info.add_argument("--inp-dim", type=int, default=256, help="default: 256")
