@@ -65,8 +65,8 @@ def find_tool(name: str) -> str | None:
 
 
 def triton_kernels() -> list[tuple]:
-    """(label, kernel or {torch dtype: autotuned kernel}, {arg: type or ACT}, {constexpr: value},
-    [args divisible by 16])."""
+    """(label, kernel or {configuration set: {torch dtype: autotuned kernel}}, {arg: type or ACT},
+    {constexpr: value}, [args divisible by 16])."""
     from .triton import conv_kernels as ck
 
     strides = {"stride_wn": "i32", "stride_wk": "i32", "stride_wh": "i32", "stride_ww": "i32"}
@@ -99,28 +99,31 @@ def triton_kernels() -> list[tuple]:
     return out
 
 
-def _kernel_for(label: str, dtype: str):
-    """The kernel the launchers run for `label` on `dtype` activations (looked up anew: kernels do not pickle)."""
+def _kernel_for(label: str, dtype: str, arch: int):
+    """The kernel the launchers run for `label` on `dtype` activations on an sm_`arch` GPU (looked up anew: kernels
+    do not pickle)."""
     import torch
+
+    from .triton import conv_kernels as ck
 
     kernel = next(kern for lab, kern, *_ in triton_kernels() if lab == label)
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "tf32": torch.float32}[dtype]
-    return kernel[torch_dtype] if isinstance(kernel, dict) else kernel
+    return kernel[ck.config_set(arch)][torch_dtype] if isinstance(kernel, dict) else kernel
 
 
 def triton_jobs(archs: list[int], dtypes: list[str], one_config: bool = False) -> list[tuple]:
-    """One job per kernel × configuration (the first only, with one_config) × dtype × arch."""
+    """One job per kernel × configuration of the arch's set (the first only, with one_config) × dtype × arch."""
     import triton
 
     jobs = []
     for label, _, args, constexprs, aligned in triton_kernels():
         for dtype in dtypes:
-            kernel = _kernel_for(label, dtype)
-            if dtype == "tf32" and not isinstance(kernel, triton.runtime.Autotuner):
-                continue  # no tl.dot: identical to fp32
-            configs = getattr(kernel, "configs", None) or [triton.Config({}, num_warps=4, num_stages=1)]
-            for cfg in configs[:1] if one_config else configs:
-                for arch in archs:
+            for arch in archs:
+                kernel = _kernel_for(label, dtype, arch)
+                if dtype == "tf32" and not isinstance(kernel, triton.runtime.Autotuner):
+                    continue  # no tl.dot: identical to fp32
+                configs = getattr(kernel, "configs", None) or [triton.Config({}, num_warps=4, num_stages=1)]
+                for cfg in configs[:1] if one_config else configs:
                     jobs.append((label, cfg.kwargs, cfg.num_warps, cfg.num_stages, arch, dtype, args, constexprs,
                                  aligned))
     return jobs
@@ -143,7 +146,7 @@ def compile_triton(job: tuple, ptxas: str) -> dict:
            "arch": arch, "dtype": dtype, "gemm": label.startswith(GEMM_KERNELS)}
     t0 = time.time()
     try:
-        kernel = _kernel_for(label, dtype)
+        kernel = _kernel_for(label, dtype, arch)
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # the JITFunction
         act = "*bf16" if dtype == "bf16" else "*fp32"
         consts = {**constexprs, **cfg_kwargs}

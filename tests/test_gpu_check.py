@@ -92,7 +92,9 @@ def _recorded_results() -> dict:
                                 {"what": "residual block", "side": 8, "pass": "forward", "impl": "compile",
                                  "skipped": "torch.compile time cap spent"}],
                        "compile": [{"what": "residual block", "side": 64, "pass": "forward", "seconds": 21.5}],
-                       "autotune": {"conv_forward": {"M=131072,K=256,C_OUT=128,KSIZE=1": "N128,K32,w8s3"}}},
+                       "autotune": {"conv_forward": {"M=131072,K=256,C_OUT=128,KSIZE=1": {
+                           "config": "N128,K64,w8s4", "ms": 0.05, "tflops": 171.8,
+                           "others": {"N128,K32,w8s3": 120.0, "N64,K64,w4s5": 150.4}}}}},
             "model": {"rows": [{"backend": "triton", "batch": 32, "train_img_s": 512.25, "train_peak_gib": 11.5,
                                 "infer_img_s": 1630.5, "infer_peak_gib": 2.25, "train_first_s": 14.0},
                                {"backend": "fused", "batch": 16, "error": "RuntimeError: boom"}]},
@@ -143,7 +145,8 @@ def test_report_from_recorded_results(tmp_path, capsys):
     assert "| residual block | 64 | forward | triton | 0.41 | 201.30 | 0.49 | 310.20 | 1.80 |" in lines
     assert "| residual block | 8 | forward | compile | torch.compile time cap spent | - | - | - | - |" in lines
     assert "| residual block | 64 | forward | 21.50 |" in lines
-    assert "| conv_forward | M=131072,K=256,C_OUT=128,KSIZE=1 | N128,K32,w8s3 |" in lines
+    assert ("| conv_forward | M=131072,K=256,C_OUT=128,KSIZE=1 | N128,K64,w8s4 | 0.05 | 171.80 | "
+            "N64,K64,w4s5 150, N128,K32,w8s3 120 |") in lines
     assert "| triton | 32 | 512.25 | 11.50 | 1,630.50 | 2.25 | 14.00 |  |" in lines
     assert "| fused | 16 | - | - | - | - | - | RuntimeError: boom |" in lines
     assert "| max_batch | failed | 2.00 | RuntimeError: no memory cap |" in lines

@@ -26,6 +26,7 @@ plus the check's step log, kernel report and test results, merges those into res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -192,19 +193,66 @@ def section_ops(ctx: Context) -> dict:
     return {"rows": rows}
 
 
-def _autotune_choices() -> dict:
-    """{kernel: {shape key: chosen configuration}} of the bf16 conv autotuners so far."""
+@contextlib.contextmanager
+def _recording_autotuning(timings: dict):
+    """While active, each bf16 conv autotuner of the device's configuration set records, for every new shape it
+    tunes, each configuration's benchmark time: timings[kernel][autotuner key] = {configuration: ms}."""
+    import torch
+
+    from fused_hourglass.triton import conv_kernels as ck
+
+    arch = ck.device_config_set(torch.device("cuda"))
+    tuners = {name: by_set[arch][torch.bfloat16] for name, by_set in ck.TUNED.items()}
+
+    def recording(name, tuner, run):
+        def run_and_record(*args, **kwargs):
+            before, last = set(tuner.cache), getattr(tuner, "configs_timings", None)
+            out = run(*args, **kwargs)
+            measured = getattr(tuner, "configs_timings", None)
+            if measured is not None and measured is not last:
+                for key in set(tuner.cache) - before:
+                    # do_bench's quantiles (median first) or one time, per configuration
+                    timings.setdefault(name, {})[key] = {cfg: t[0] if isinstance(t, (list, tuple)) else t
+                                                         for cfg, t in measured.items()}
+            return out
+        return run_and_record
+
+    for name, tuner in tuners.items():
+        tuner.run = recording(name, tuner, tuner.run)
+    try:
+        yield
+    finally:
+        for tuner in tuners.values():
+            del tuner.run
+
+
+def _autotune_choices(timings: dict) -> dict:
+    """{kernel: {shape: {config, ms, tflops, others: {configuration: TFLOP/s}}}} of the bf16 conv autotuners of
+    the device's configuration set so far: the configuration each shape chose, its benchmark time and TFLOP/s
+    (forward, dgrad and wgrad all do 2·M·K·C_OUT·KSIZE² FLOPs), and every configuration's TFLOP/s when the
+    benchmark was recorded (`_recording_autotuning`), to prune the list by."""
     import torch
 
     from fused_hourglass.kernel_report import config_label
     from fused_hourglass.triton import conv_kernels as ck
 
+    def label(cfg):
+        return config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
+
+    arch = ck.device_config_set(torch.device("cuda"))
     out = {}
-    for name, by_dtype in ck.TUNED.items():
-        cache = getattr(by_dtype[torch.bfloat16], "cache", {}) or {}
-        # The autotuner's key: the _TUNE_KEY values in order, then the argument dtypes.
-        out[name] = {",".join(f"{k}={v}" for k, v in zip(ck._TUNE_KEY, key, strict=False)):
-                     config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages) for key, cfg in cache.items()}
+    for name, by_set in ck.TUNED.items():
+        cache = getattr(by_set[arch][torch.bfloat16], "cache", {}) or {}
+        out[name] = {}
+        for key, cfg in cache.items():
+            # The autotuner's key: the _TUNE_KEY values in order, then the argument dtypes.
+            dims = dict(zip(ck._TUNE_KEY, key, strict=False))
+            flops = 2 * dims["M"] * dims["K"] * dims["C_OUT"] * dims["KSIZE"] ** 2
+            measured = timings.get(name, {}).get(key, {})
+            ms = measured.get(cfg)
+            out[name][",".join(f"{k}={v}" for k, v in dims.items())] = {
+                "config": label(cfg), "ms": ms, "tflops": flops / ms / 1e9 if ms else None,
+                "others": {label(c): flops / t / 1e9 for c, t in measured.items() if t and c is not cfg}}
     return out
 
 
@@ -227,59 +275,61 @@ def section_blocks(ctx: Context) -> dict:
         return ft.fused_residual(hg.up1, inp, lo)
 
     cases = [("residual block", s) for s in (64, 32, 16, 8)] + [("hourglass level", s) for s in (64, 16)]
-    for what, side in cases:
-        module = (Residual(C, C) if what == "residual block" else Hourglass(1, C)).cuda().train()
-        x = torch.randn(N, C, side, side, device="cuda").to(memory_format=torch.channels_last)
-        table = bytes_moved_table(N, C, side, side, 2)
-        blocks = 1 if what == "residual block" else 4  # a level at side s: up1 at s, three blocks at s/2
-        scale = 1.0 if blocks == 1 else 1.75  # bytes and FLOPs of (1 + 3/4) blocks at side s
-        flops = 2 * conv_flops(N, side, side, C, C // 2, 1) + conv_flops(N, side, side, C // 2, C // 2, 3)
-        for backward in (False, True):
-            eager_ms = None
-            for impl in ("eager", "compile", "triton"):
-                row = {"what": what, "side": side, "pass": "forward+backward" if backward else "forward",
-                       "impl": impl}
-                if ctx.left() < 0:
-                    rows.append({**row, "skipped": "section time spent"})
-                    continue
-                if impl == "triton":
-                    fwd = (lambda inp, m=module: ft.fused_residual(m, inp.to(torch.bfloat16))) if blocks == 1 \
-                        else (lambda inp, m=module: level(m, inp.to(torch.bfloat16)))
-                else:
-                    target = module
+    timings: dict = {}
+    with _recording_autotuning(timings):
+        for what, side in cases:
+            module = (Residual(C, C) if what == "residual block" else Hourglass(1, C)).cuda().train()
+            x = torch.randn(N, C, side, side, device="cuda").to(memory_format=torch.channels_last)
+            table = bytes_moved_table(N, C, side, side, 2)
+            blocks = 1 if what == "residual block" else 4  # a level at side s: up1 at s, three blocks at s/2
+            scale = 1.0 if blocks == 1 else 1.75  # bytes and FLOPs of (1 + 3/4) blocks at side s
+            flops = 2 * conv_flops(N, side, side, C, C // 2, 1) + conv_flops(N, side, side, C // 2, C // 2, 3)
+            for backward in (False, True):
+                eager_ms = None
+                for impl in ("eager", "compile", "triton"):
+                    row = {"what": what, "side": side, "pass": "forward+backward" if backward else "forward",
+                           "impl": impl}
+                    if ctx.left() < 0:
+                        rows.append({**row, "skipped": "section time spent"})
+                        continue
+                    if impl == "triton":
+                        fwd = (lambda inp, m=module: ft.fused_residual(m, inp.to(torch.bfloat16))) if blocks == 1 \
+                            else (lambda inp, m=module: level(m, inp.to(torch.bfloat16)))
+                    else:
+                        target = module
+                        if impl == "compile":
+                            if compile_left <= 0:
+                                rows.append({**row, "skipped": "torch.compile time cap spent"})
+                                continue
+                            target = torch.compile(module)
+
+                        def fwd(inp, target=target):
+                            with torch.autocast("cuda", dtype=torch.bfloat16):
+                                return target(inp)
+
+                    def step(fwd=fwd, backward=backward, x=x):
+                        inp = x.detach().requires_grad_(backward)
+                        out = fwd(inp)
+                        if backward:
+                            out.float().sum().backward()
+                        return out
+
+                    t0 = time.perf_counter()
+                    step()  # compilation / autotuning, outside the timing
+                    torch.cuda.synchronize()
+                    first_s = time.perf_counter() - t0
                     if impl == "compile":
-                        if compile_left <= 0:
-                            rows.append({**row, "skipped": "torch.compile time cap spent"})
-                            continue
-                        target = torch.compile(module)
-
-                    def fwd(inp, target=target):
-                        with torch.autocast("cuda", dtype=torch.bfloat16):
-                            return target(inp)
-
-                def step(fwd=fwd, backward=backward, x=x):
-                    inp = x.detach().requires_grad_(backward)
-                    out = fwd(inp)
-                    if backward:
-                        out.float().sum().backward()
-                    return out
-
-                t0 = time.perf_counter()
-                step()  # compilation / autotuning, outside the timing
-                torch.cuda.synchronize()
-                first_s = time.perf_counter() - t0
-                if impl == "compile":
-                    compile_left -= first_s
-                    compile_rows.append({"what": what, "side": side, "pass": row["pass"], "seconds": first_s})
-                ms = time_ms(step, warmup=1, iters=10, max_seconds=1.5)
-                nbytes = scale * table["total" if backward else "forward"]["fused" if impl == "triton" else
-                                                                             "unfused"]
-                fl = scale * flops * (3 if backward else 1)
-                eager_ms = ms if impl == "eager" else eager_ms
-                rows.append({**row, "ms": ms, "mb": nbytes / 1e6, "tbs": nbytes / ms / 1e9,
-                             "tflops": fl / ms / 1e9, "vs_eager": eager_ms / ms if eager_ms else None})
-        torch.cuda.empty_cache()
-    return {"rows": rows, "compile": compile_rows, "autotune": _autotune_choices()}
+                        compile_left -= first_s
+                        compile_rows.append({"what": what, "side": side, "pass": row["pass"], "seconds": first_s})
+                    ms = time_ms(step, warmup=1, iters=10, max_seconds=1.5)
+                    nbytes = scale * table["total" if backward else "forward"]["fused" if impl == "triton" else
+                                                                                 "unfused"]
+                    fl = scale * flops * (3 if backward else 1)
+                    eager_ms = ms if impl == "eager" else eager_ms
+                    rows.append({**row, "ms": ms, "mb": nbytes / 1e6, "tbs": nbytes / ms / 1e9,
+                                 "tflops": fl / ms / 1e9, "vs_eager": eager_ms / ms if eager_ms else None})
+            torch.cuda.empty_cache()
+    return {"rows": rows, "compile": compile_rows, "autotune": _autotune_choices(timings)}
 
 
 def _model_step(model, x, target, loss_fn, train: bool):
@@ -362,7 +412,8 @@ def section_max_batch(ctx: Context) -> dict:
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, 16 * GiB / total))
-    pins = {name: ck.gpu_configs(name, torch.bfloat16)[0] for name in ck.TUNED}
+    arch = ck.device_config_set(torch.device("cuda"))
+    pins = {name: ck.gpu_configs(name, torch.bfloat16, arch)[0] for name in ck.TUNED}
     rows = []
     try:
         model = StackedHourglass(8, 256, 16).cuda().to(memory_format=torch.channels_last).train()
@@ -529,9 +580,13 @@ def render(results: dict) -> str:
             lines += _table(["what", "side", "pass", "seconds"],
                             [[r["what"], r["side"], r["pass"], r["seconds"]] for r in b["compile"]])
         if any(b.get("autotune", {}).values()):
-            lines += ["Autotuning's choices (bf16):", ""]
-            lines += _table(["kernel", "shape", "configuration"],
-                            [[k, shape, cfg] for k, chosen in b["autotune"].items() for shape, cfg in chosen.items()])
+            lines += ["Autotuning's choices (bf16), with the benchmark's time and TFLOP/s of each shape's choice "
+                      "and of the other configurations:", ""]
+            lines += _table(["kernel", "shape", "configuration", "ms", "TFLOP/s", "others (TFLOP/s)"],
+                            [[k, shape, c["config"], c.get("ms"), c.get("tflops"),
+                              ", ".join(f"{o} {t:.0f}" for o, t in sorted(c.get("others", {}).items(),
+                                                                          key=lambda kv: -kv[1]))]
+                             for k, chosen in b["autotune"].items() for shape, c in chosen.items()])
     if "model" in bench:
         lines += ["## StackedHourglass(8, 256, 16), 256 px, bf16 autocast, channels_last", ""]
         lines += _table(["backend", "batch", "train img/s", "train peak GiB", "infer img/s", "infer peak GiB",

@@ -19,6 +19,7 @@ Numerics shared by every kernel:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -36,13 +37,38 @@ _GPU_TILES = {"STATS_BLOCK_M": 128, "WGRAD_ROW_QUANTUM": 128, "EW_BLOCK_M": 64, 
 STATS_BLOCK_M = 16 if INTERPRET else _GPU_TILES["STATS_BLOCK_M"]
 
 
-def _conv_configs(fp32: bool, interpret: bool = INTERPRET) -> list[triton.Config]:
+# Configuration sets, by the GPU they are tuned for (`config_set`): 80, the A100's (and every GPU that is not a
+# Hopper), and 90, Hopper's (H100 / H200: 227 KiB of shared memory per block, wgmma).
+CONFIG_SETS = (80, 90)
+
+
+def config_set(cc: int) -> int:
+    """The configuration set for compute capability `cc` (major·10 + minor): 90 for sm_90, else 80."""
+    return 90 if cc // 10 == 9 else 80
+
+
+@functools.cache
+def _device_config_set(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return config_set(10 * major + minor)
+
+
+def device_config_set(device: torch.device) -> int:
+    """The configuration set a launch on `device` autotunes over (80 off CUDA, i.e. under the interpreter)."""
+    if device.type != "cuda":
+        return 80
+    return _device_config_set(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _conv_configs(fp32: bool, interpret: bool = INTERPRET, arch: int = 80) -> list[triton.Config]:
     """Forward / dgrad tiles: BLOCK_M is STATS_BLOCK_M; BLOCK_N spans output channels, BLOCK_K the reduction.
 
     bf16 / fp16 (tensor cores; wgmma on sm_90): a 128×128×32 tile takes 16 KiB of shared memory per stage and
-    stays below 255 registers with 8 warps. fp32 without TF32 is an FMA product whose operands live in registers,
-    so its tiles are smaller and always use 8 warps (tools/triton_aot.py checks both for spills). The interpreter
-    gets one small configuration.
+    stays below 255 registers with 8 warps. Hopper's set pipelines deeper (4-5 stages, BLOCK_K 64: up to 98 KiB of
+    its 227 KiB); 128×256 tiles are left out because with the statistics and residual epilogues they spill with 8
+    warps (220-1640 bytes, sm_90) and with 16 (a 128-register cap). fp32 without TF32 is an FMA product whose
+    operands live in registers, so its tiles are smaller and always use 8 warps, on both sets. tools/triton_aot.py
+    checks every one for spills and shared memory. The interpreter gets one small configuration.
     """
     if interpret:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
@@ -51,6 +77,14 @@ def _conv_configs(fp32: bool, interpret: bool = INTERPRET) -> list[triton.Config
             triton.Config({"BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=8, num_stages=3),
         ]
+    if arch == 90:
+        return [
+            triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=5),
+            triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=5),
+            triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=5),
+        ]
     return [
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
@@ -58,14 +92,24 @@ def _conv_configs(fp32: bool, interpret: bool = INTERPRET) -> list[triton.Config
     ]
 
 
-def _wgrad_configs(fp32: bool, interpret: bool = INTERPRET) -> list[triton.Config]:
-    """Weight-gradient tiles: a [BLOCK_K, BLOCK_N] tile of dW reduced over BLOCK_M rows at a time."""
+def _wgrad_configs(fp32: bool, interpret: bool = INTERPRET, arch: int = 80) -> list[triton.Config]:
+    """Weight-gradient tiles: a [BLOCK_K, BLOCK_N] tile of dW reduced over BLOCK_M rows at a time. Hopper's set
+    reaches 128×256 with 32 rows per step (128 KiB shared); 64 rows there spill."""
     if interpret:
         return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_M": 16}, num_warps=1, num_stages=1)]
     if fp32:
         return [
             triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_M": 16}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_K": 32, "BLOCK_N": 64, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+        ]
+    if arch == 90:
+        return [
+            triton.Config({"BLOCK_K": 128, "BLOCK_N": 256, "BLOCK_M": 32}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_K": 128, "BLOCK_N": 256, "BLOCK_M": 32}, num_warps=8, num_stages=5),
+            triton.Config({"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=5),
+            triton.Config({"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_M": 64}, num_warps=4, num_stages=5),
         ]
     return [
         triton.Config({"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
@@ -421,11 +465,15 @@ def _sum_pool2x2_kernel(
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :], _round(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
-# The GEMM kernels autotuned twice over the same JIT function: tensor-core tiles for bf16 / fp16 operands, FMA-sized
-# tiles for fp32. `TUNED[name][dtype]` is what the launchers run (and what tools/triton_aot.py compiles).
-def _autotuned(kernel, configs) -> dict[torch.dtype, triton.runtime.Autotuner]:
-    low, fp32 = (triton.autotune(configs=configs(fp32), key=_TUNE_KEY)(kernel) for fp32 in (False, True))
-    return {torch.bfloat16: low, torch.float16: low, torch.float32: fp32}
+# The GEMM kernels autotuned over the same JIT function once per configuration set and operand kind: tensor-core
+# tiles for bf16 / fp16 operands, FMA-sized tiles for fp32. `TUNED[name][set][dtype]` is what the launchers run on a
+# device of that set (`tuned`), and what tools/triton_aot.py compiles for each arch.
+def _autotuned(kernel, configs) -> dict[int, dict[torch.dtype, triton.runtime.Autotuner]]:
+    out = {}
+    for arch in CONFIG_SETS:
+        low, fp32 = (triton.autotune(configs=configs(fp32, arch=arch), key=_TUNE_KEY)(kernel) for fp32 in (False, True))
+        out[arch] = {torch.bfloat16: low, torch.float16: low, torch.float32: fp32}
+    return out
 
 
 TUNED = {
@@ -438,22 +486,29 @@ _CONFIGS = {"conv_forward": _conv_configs, "conv_dgrad": _conv_configs, "conv_wg
 _PINNED: dict[object, triton.Config] = {}
 
 
-def gpu_configs(name: str, dtype: torch.dtype) -> list[triton.Config]:
-    """The configurations `TUNED[name][dtype]` autotunes over on a GPU (also when running under the interpreter)."""
-    return _CONFIGS[name](dtype == torch.float32, interpret=False)
+def tuned(name: str, t: torch.Tensor) -> triton.runtime.Autotuner:
+    """The autotuned kernel `name` for operands like `t` (its dtype, and its device's configuration set)."""
+    return TUNED[name][device_config_set(t.device)][t.dtype]
+
+
+def gpu_configs(name: str, dtype: torch.dtype, arch: int = 80) -> list[triton.Config]:
+    """The configurations `TUNED[name][arch][dtype]` autotunes over on a GPU (also when running under the
+    interpreter)."""
+    return _CONFIGS[name](dtype == torch.float32, interpret=False, arch=arch)
 
 
 @contextlib.contextmanager
 def gpu_tiles(pinned: dict[str, triton.Config] | None = None) -> Iterator[None]:
     """Launch with the GPU's fixed tile sizes (`STATS_BLOCK_M`, `WGRAD_ROW_QUANTUM`, `EW_BLOCK_M/C`) and, for each
-    `TUNED` name in `pinned`, that configuration's block sizes instead of the autotuner's choice (every dtype).
+    `TUNED` name in `pinned`, that configuration's block sizes instead of the autotuner's choice (every dtype and
+    configuration set).
 
     For tests under the interpreter, whose own tiles are 16 wide, so that masking, partial tiles and statistics
     partials are exercised at the sizes a GPU launches. Changes module state: not thread-safe, and any statistics
     partials must be combined (`combine_stats`) inside the same block.
     """
     saved = {name: globals()[name] for name in _GPU_TILES}
-    pins = {TUNED[name][torch.float32].fn: cfg for name, cfg in (pinned or {}).items()}
+    pins = {TUNED[name][80][torch.float32].fn: cfg for name, cfg in (pinned or {}).items()}
     globals().update(_GPU_TILES)
     _PINNED.update(pins)
     try:
@@ -559,7 +614,7 @@ def _conv_forward(u: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tens
 
     # Unused pointer arguments are bound to a live tensor; their constexpr flag keeps them unread.
     _launch(
-        TUNED["conv_forward"][u.dtype], grid, u, scale if scale is not None else bias,
+        tuned("conv_forward", u), grid, u, scale if scale is not None else bias,
         shift if shift is not None else bias,
         weight, *weight.stride(), bias, residual if residual is not None else y, low if low is not None else y, y,
         psum if stats else bias, pm2 if stats else bias, m, h, w, k, c_out,
@@ -625,7 +680,7 @@ def conv_bnrelu_dgrad(dy: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, s
         return triton.cdiv(m, STATS_BLOCK_M), triton.cdiv(k, meta["BLOCK_N"])
 
     _launch(
-        TUNED["conv_dgrad"][u.dtype], grid, dy, weight, *weight.stride(), u, scale if prologue else dz,
+        tuned("conv_dgrad", u), grid, dy, weight, *weight.stride(), u, scale if prologue else dz,
         shift if prologue else dz,
         mean if prologue else dz, invstd if prologue else dz, dz, psum if prologue else dz, pdot if prologue else dz,
         m, h, w, k, c_out, KSIZE=ksize, PROLOGUE=prologue, DOT_PRECISION=_dot_precision(u.dtype),
@@ -657,7 +712,7 @@ def conv_bnrelu_wgrad(u: torch.Tensor, scale: torch.Tensor | None, shift: torch.
             return ksize * ksize * triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(c_out, meta["BLOCK_N"]), splits
 
         _launch(
-            TUNED["conv_wgrad"][u.dtype], grid, u, scale if scale is not None else db_parts,
+            tuned("conv_wgrad", u), grid, u, scale if scale is not None else db_parts,
             shift if shift is not None else db_parts, dy, dw_parts,
             db_parts, m, h, w, k, c_out, rows_per_split, KSIZE=ksize, PROLOGUE=scale is not None,
             DOT_PRECISION=_dot_precision(u.dtype))

@@ -2,10 +2,10 @@
 
 The rest of tests/triton runs the interpreter's own 16-wide tiles. Here `conv_kernels.gpu_tiles` switches to the
 GPU's fixed sizes (STATS_BLOCK_M = 128 statistics rows, 64×64 element-wise tiles, 128-row weight-gradient splits)
-and pins, one at a time, each GPU autotune configuration's block sizes (deduplicated over dtypes: the interpreter
-ignores warps and stages). Each runs on three shapes relative to that configuration's tiles: smaller than one tile
-in every dimension, a little larger than one, and a ragged multiple. On a CUDA device the same tests launch each
-configuration for real.
+and pins, one at a time, each GPU autotune configuration's block sizes, of both configuration sets (sm_80's and
+Hopper's; deduplicated over sets and dtypes: the interpreter ignores warps and stages). Each runs on three shapes
+relative to that configuration's tiles: smaller than one tile in every dimension, a little larger than one, and a
+ragged multiple. On a CUDA device the same tests launch each configuration of the device's own set for real.
 
 Deselected by default (pyproject's addopts); `python -m pytest -m interp_gpu_tiles tests/triton/test_gpu_tiles.py`.
 """
@@ -41,14 +41,32 @@ def _channels(block: int, size: str) -> int:
 
 
 def _configs(name: str) -> list:
-    """GPU configurations of TUNED[name] over every dtype, one per distinct set of block sizes."""
+    """GPU configurations of TUNED[name] over every dtype and configuration set (A100's, Hopper's), one per
+    distinct set of block sizes."""
     if SKIP_REASON is not None:
         return []
     seen = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        for cfg in ck.gpu_configs(name, dtype):
-            seen.setdefault(tuple(sorted(cfg.kwargs.items())), cfg)
+    for arch in ck.CONFIG_SETS if DEVICE == "cpu" else (ck.device_config_set(torch.device(DEVICE)),):
+        for dtype in (torch.bfloat16, torch.float32):
+            for cfg in ck.gpu_configs(name, dtype, arch):
+                seen.setdefault(tuple(sorted(cfg.kwargs.items())), cfg)
     return list(seen.values())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU launches its own configuration set only")
+def test_every_configuration_of_every_set_is_exercised():
+    """The block sizes this module launches cover each set's configurations, Hopper's largest tiles included; the
+    sets differ for bf16 and agree for fp32."""
+    for name in ck.TUNED:
+        tested = {tuple(sorted(cfg.kwargs.items())) for cfg in _configs(name)}
+        for arch in ck.CONFIG_SETS:
+            for dtype in (torch.bfloat16, torch.float32):
+                assert {tuple(sorted(c.kwargs.items())) for c in ck.gpu_configs(name, dtype, arch)} <= tested
+        assert ck.gpu_configs(name, torch.float32, 90) == ck.gpu_configs(name, torch.float32, 80)
+        assert ck.gpu_configs(name, torch.bfloat16, 90) != ck.gpu_configs(name, torch.bfloat16, 80)
+    wgrad = [cfg.kwargs for cfg in _configs("conv_wgrad")]
+    assert {"BLOCK_K": 128, "BLOCK_N": 256, "BLOCK_M": 32} in wgrad
+    assert {c.num_stages for c in ck.gpu_configs("conv_forward", torch.bfloat16, 90)} >= {4, 5}
 
 
 def _cases(name: str) -> list:
