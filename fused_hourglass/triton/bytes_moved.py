@@ -19,10 +19,11 @@ Assumptions (first principles, no cache effects beyond the ones named):
   upsample's backward reads g and writes the 2×2 sums; max-pool backward reads g and the indices, writes dx; an
   add's backward moves nothing, but autograd sums the gradients of a tensor used twice (read 2, write 1);
 - fused = what the "triton" backend runs (`model.py`): the kernels of `conv_kernels` as
-  `residual.FusedResidualFunction` chains them (a statistics pass over x, three prologue convs, BN-ReLU never
-  written, the skip add and the hourglass merge `+ up2x(low3)` in conv3's epilogue; backward as in
-  `fused_block_stages`), `max_pool2x2` (no indices: its backward re-reads the input), and `bn_relu` after the stem
-  and feature convolutions (statistics and apply: read 2, write 1; backward read 2, then read 2 and write 1).
+  `residual.FusedResidualFunction` chains them (a statistics pass over x unless x came straight from another
+  block, whose conv3 epilogue gave them; three prologue convs, BN-ReLU never written, the skip add and the
+  hourglass merge `+ up2x(low3)` in conv3's epilogue; backward as in `fused_block_stages`), `max_pool2x2` (no
+  indices: its backward re-reads the input), and `bn_relu` after the stem and feature convolutions (statistics
+  and apply: read 2, write 1; backward read 2, then read 2 and write 1).
   The stem, feature and head convolutions, the merges and the output stack are eager in both. The
   weight-gradient split partials (fp32, a few % at C = 256) are not counted.
 With A = N·H·W·C·dtype_bytes (one full-width activation): a C → C block's forward is 17·A unfused against 6·A fused
@@ -150,37 +151,40 @@ def model_layers(side: int, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 
                  ) -> list[dict]:
     """The layers of StackedHourglass(nstack, inp_dim, oup_dim, increase=increase) on images of `side` pixels, in
     forward order, each a dict with `name` (the module path, or the tensor a step acts on), `kind` and its shape:
-    residual (cin, cout, h, w, low: the hourglass merge follows), conv (cin, cout, k, h, w of the output, bn_relu,
-    stride), pool (c, h, w of the input), merge (the stack's `x + merge_preds(p) + merge_features(f)`: c, p, h, w),
-    fanout (a tensor used twice, whose gradients autograd sums: c, h, w) and stack (the output: nstack, c, h, w)."""
+    - residual: cin, cout, h, w; low (the hourglass merge follows); chained (x is the previous residual block's
+      output as it left that block, so the triton backend takes bn1's statistics from its conv3 epilogue);
+    - conv: cin, cout, k, stride, h and w of the output, bn_relu; pool: c, h and w of the input;
+    - merge: the stack's `x + merge_preds(p) + merge_features(f)`, c, p, h, w;
+    - fanout: a tensor used twice, whose gradients autograd sums, c, h, w; stack: the output, nstack, c, h, w."""
     layers: list[dict] = []
 
-    def residual(name, cin, cout, h, low=False):
-        layers.append({"name": name, "kind": "residual", "cin": cin, "cout": cout, "h": h, "w": h, "low": low})
+    def residual(name, cin, cout, h, low=False, chained=True):
+        layers.append({"name": name, "kind": "residual", "cin": cin, "cout": cout, "h": h, "w": h, "low": low,
+                       "chained": chained})
 
-    def hourglass(name, depth, f, h, inc):
+    def hourglass(name, depth, f, h, inc, chained):
         nf = f + inc
         layers.append({"name": f"{name} (input)", "kind": "fanout", "c": f, "h": h, "w": h})  # up1 and pool1
         layers.append({"name": f"{name}.pool1", "kind": "pool", "c": f, "h": h, "w": h})
-        residual(f"{name}.low1", f, nf, h // 2)
+        residual(f"{name}.low1", f, nf, h // 2, chained=False)
         if depth > 1:
-            hourglass(f"{name}.low2", depth - 1, nf, h // 2, 0)
+            hourglass(f"{name}.low2", depth - 1, nf, h // 2, 0, chained=True)
         else:
             residual(f"{name}.low2", nf, nf, h // 2)
         residual(f"{name}.low3", nf, f, h // 2)
-        residual(f"{name}.up1", f, f, h, low=True)  # the low branch runs first (model.Hourglass)
+        residual(f"{name}.up1", f, f, h, low=True, chained=chained)  # the low branch runs first (model.Hourglass)
 
     s2, s4 = side // 2, side // 4
     layers.append({"name": "pre.0", "kind": "conv", "cin": 3, "cout": 64, "k": 7, "stride": 2, "h": s2, "w": s2,
                    "bn_relu": True})
-    residual("pre.1", 64, 128, s2)
+    residual("pre.1", 64, 128, s2, chained=False)
     layers.append({"name": "pre.2", "kind": "pool", "c": 128, "h": s2, "w": s2})
-    residual("pre.3", 128, 128, s4)
+    residual("pre.3", 128, 128, s4, chained=False)
     residual("pre.4", 128, inp_dim, s4)
     for i in range(nstack):
         if i < nstack - 1:
             layers.append({"name": f"x (stack {i} input)", "kind": "fanout", "c": inp_dim, "h": s4, "w": s4})
-        hourglass(f"hgs.{i}.0", 4, inp_dim, s4, increase)
+        hourglass(f"hgs.{i}.0", 4, inp_dim, s4, increase, chained=i == 0)  # later stacks: x from the merge
         residual(f"features.{i}.0", inp_dim, inp_dim, s4)
         layers.append({"name": f"features.{i}.1", "kind": "conv", "cin": inp_dim, "cout": inp_dim, "k": 1,
                        "stride": 1, "h": s4, "w": s4, "bn_relu": True})
@@ -248,7 +252,8 @@ def model_stages(n: int, side: int, nstack: int = 8, inp_dim: int = 256, oup_dim
             name = layer["name"]
             component = ("stem" if name.startswith("pre.") else "hourglasses" if name.startswith("hgs.") else
                          "features" if name.startswith("features.") else "heads")
-            for pass_, stage, nbytes in _layer_stages(layer, n, dtype_bytes, kind == "fused", False):
+            for pass_, stage, nbytes in _layer_stages(layer, n, dtype_bytes, kind == "fused",
+                                                      layer.get("chained", False)):
                 rows.append((component, pass_, f"{name}: {stage}", nbytes))
         out[kind] = rows
     return out

@@ -1,8 +1,8 @@
 """The fused residual block: the reference `Residual` (DESIGN.md §1.2) as three BN-ReLU-prologue convs.
 
 Forward, training mode (M = N·H·W):
-    stats(x) → bn1 → conv1 1×1 [epilogue: stats(y1)] → bn2 → conv2 3×3 [stats(y2)] → bn3 →
-    conv3 1×1 [epilogue: + skip (+ up2x(low))]
+    stats(x) [or the previous block's conv3 epilogue statistics] → bn1 → conv1 1×1 [epilogue: stats(y1)] → bn2 →
+    conv2 3×3 [stats(y2)] → bn3 → conv3 1×1 [epilogue: + skip (+ up2x(low)), stats(out) for the next block's bn1]
 where each "bnK" is only a finalize of per-tile partials into scale/shift (and the running-stats update); the
 normalised, rectified tensors are never written. Saved for backward: x, y1, y2 (conv outputs before their BN)
 and per-channel vectors. Backward runs, per conv from the last: dgrad (ReLU mask and BN reductions in its
@@ -36,13 +36,18 @@ def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
 
 
 class FusedResidualFunction(torch.autograd.Function):
-    """out = Residual(x) [+ up2x(low)] on NHWC-contiguous tensors; differentiable in x, low and every parameter.
+    """(out, Σ, M2) with out = Residual(x) [+ up2x(low)] on NHWC-contiguous tensors; differentiable in x, low and
+    every parameter.
 
-    Inputs after the non-tensor ones are the parameters in `_params(block)` order.
+    x_stats: bn1's statistics partials of x (`channel_stats(x)`, e.g. from the conv3 epilogue of the block that
+    wrote x), or None to compute them. emit_stats: also return out's partials from this conv3's epilogue (else
+    two empty tensors); they are not differentiable. Inputs after the non-tensor ones are the parameters in
+    `_params(block)` order.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, low: torch.Tensor | None, block: Residual, *params: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, low: torch.Tensor | None, x_stats: tuple[torch.Tensor, torch.Tensor] | None,
+                emit_stats: bool, block: Residual, *params: torch.Tensor):
         n, h, w, _ = x.shape
         m = n * h * w
         dt = x.dtype
@@ -53,13 +58,16 @@ class FusedResidualFunction(torch.autograd.Function):
                                                                       block.skip_layer))
         batch = [_uses_batch_stats(bn) for bn in (bn1, bn2, bn3)]
 
-        s1 = _bn_affine(bn1, _ops.channel_stats(x) if batch[0] else None, m)
+        if batch[0] and x_stats is None:
+            x_stats = _ops.channel_stats(x)
+        s1 = _bn_affine(bn1, x_stats if batch[0] else None, m)
         y1, psum, pm2 = _ops.conv1x1_bnrelu(x, s1[0], s1[1], w1, b1, None, None, batch[1])
         s2 = _bn_affine(bn2, (psum, pm2) if batch[1] else None, m)
         y2, psum, pm2 = _ops.conv3x3_bnrelu(y1, s2[0], s2[1], w2, b2, None, None, batch[2])
         s3 = _bn_affine(bn3, (psum, pm2) if batch[2] else None, m)
         skip = _ops.conv1x1_bnrelu(x, None, None, ws, bs, None, None, False)[0] if block.need_skip else x
-        out = _ops.conv1x1_bnrelu(y2, s3[0], s3[1], w3, b3, skip, low, False)[0]
+        out, out_sum, out_m2 = _ops.conv1x1_bnrelu(y2, s3[0], s3[1], w3, b3, skip, low, emit_stats)
+        ctx.mark_non_differentiable(out_sum, out_m2)
 
         gammas = [bn.weight.detach().float() if bn.weight is not None else torch.ones_like(s[0])
                   for bn, s in ((bn1, s1), (bn2, s2), (bn3, s3))]
@@ -68,10 +76,10 @@ class FusedResidualFunction(torch.autograd.Function):
         ctx.need_skip = block.need_skip
         ctx.has_low = low is not None
         ctx.param_dtypes = [p.dtype for p in params]
-        return out
+        return out, out_sum, out_m2
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
+    def backward(ctx, g: torch.Tensor, _sum_grad: None, _m2_grad: None):
         x, y1, y2, w1, w2, w3, ws, *rest = ctx.saved_tensors
         s1, s2, s3, gammas = rest[0:4], rest[4:8], rest[8:12], rest[12:15]
         g = g.contiguous()
@@ -111,17 +119,17 @@ class FusedResidualFunction(torch.autograd.Function):
         dlow = _ops.sum_pool2x2_nhwc(g) if ctx.has_low and ctx.needs_input_grad[1] else None
         grads = [dg1, dbeta1, dw1, db1, dg2, dbeta2, dw2, db2, dg3, dbeta3, dw3, db3, dws, dbs]
         grads = [None if gr is None or not wanted else gr.to(dtype)
-                 for gr, dtype, wanted in zip(grads, ctx.param_dtypes, ctx.needs_input_grad[3:], strict=True)]
-        return (dx, dlow, None, *grads)
+                 for gr, dtype, wanted in zip(grads, ctx.param_dtypes, ctx.needs_input_grad[5:], strict=True)]
+        return (dx, dlow, None, None, None, *grads)
 
 
 class _GradsNeeded:
-    """Which backward kernels a call needs, from `needs_input_grad` of (x, low, block, γ1, β1, w1, b1, γ2, β2, w2,
-    b2, γ3, β3, w3, b3, w_skip, b_skip): a frozen conv gets no wgrad, an input that needs no gradient no dgrad, and
-    a stage whose inputs need nothing upstream is not differentiated at all."""
+    """Which backward kernels a call needs, from `needs_input_grad` of (x, low, x_stats, emit_stats, block, γ1, β1,
+    w1, b1, γ2, β2, w2, b2, γ3, β3, w3, b3, w_skip, b_skip): a frozen conv gets no wgrad, an input that needs no
+    gradient no dgrad, and a stage whose inputs need nothing upstream is not differentiated at all."""
 
     def __init__(self, needs: tuple[bool, ...], need_skip: bool) -> None:
-        params = needs[3:]
+        params = needs[5:]
         self.x = needs[0]
         self.bn1, self.conv1 = any(params[0:2]), any(params[2:4])
         self.bn2, self.conv2 = any(params[4:6]), any(params[6:8])
@@ -147,6 +155,23 @@ def _check_device(x: torch.Tensor) -> None:
                            f"tensors), got a tensor on {x.device}")
 
 
+# A fused block's output carries its conv3 epilogue's statistics partials here, for the next block's bn1: keyed by
+# the very tensor object returned, checked against its version counter (no in-place change since), its dtype and
+# the statistics tile, and taken (removed) by the first block that reads it.
+_STATS_ATTR = "_fused_hourglass_batch_stats"
+
+
+def _take_stats(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The partials `channel_stats(x)` would give, when x came straight from a fused block's conv3; else None."""
+    stashed = x.__dict__.pop(_STATS_ATTR, None)
+    if stashed is None or x.is_inference():
+        return None
+    version, dtype, block_m, psum, pm2 = stashed
+    if x._version != version or x.dtype != dtype or block_m != ck.STATS_BLOCK_M or psum.shape[0] != ck.stats_tiles(m):
+        return None
+    return psum, pm2
+
+
 def fused_residual(block: Residual, x: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
     """`block(x)` (+ nearest_up2x(low)) through the fused Triton kernels; same values, running-stat updates and
     gradients as the reference module.
@@ -154,6 +179,8 @@ def fused_residual(block: Residual, x: torch.Tensor, low: torch.Tensor | None = 
     Args:
         block: a reference `Residual` (its parameters, buffers and train/eval mode are used).
         x: [N, C_in, H, W]; channels_last avoids a copy. Under autocast the block runs in the autocast dtype.
+            When x is the unchanged output of another `fused_residual` in training, bn1 takes its statistics
+            from that block's conv3 epilogue instead of a pass over x.
         low: optional [N, C_out, H/2, W/2], added nearest-upsampled in conv3's epilogue (the hourglass merge).
     Returns:
         [N, C_out, H, W] in channels_last memory format.
@@ -161,14 +188,21 @@ def fused_residual(block: Residual, x: torch.Tensor, low: torch.Tensor | None = 
     _check_device(x)
     if x.dim() != 4 or x.shape[1] != block.bn1.num_features:
         raise ValueError(f"fused_residual: x must be [N, {block.bn1.num_features}, H, W], got {list(x.shape)}")
+    chain = _uses_batch_stats(block.bn1) and not torch.compiler.is_compiling()
+    source = x
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    x_stats = _take_stats(source, x.shape[0] * x.shape[2] * x.shape[3]) if chain and x is source else None
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     low_nhwc = None
     if low is not None:
         low_nhwc = low.to(x.dtype).permute(0, 2, 3, 1).contiguous()
-    out = FusedResidualFunction.apply(x_nhwc, low_nhwc, block, *_params(block))
-    return out.permute(0, 3, 1, 2)
+    emit = chain and not torch.is_inference_mode_enabled()
+    out, psum, pm2 = FusedResidualFunction.apply(x_nhwc, low_nhwc, x_stats, emit, block, *_params(block))
+    out = out.permute(0, 3, 1, 2)
+    if emit:
+        setattr(out, _STATS_ATTR, (out._version, out.dtype, ck.STATS_BLOCK_M, psum, pm2))
+    return out
 
 
 class FusedResidual(Residual):

@@ -105,3 +105,19 @@ def test_whole_model_report(capsys):
     for key, row in table.items():
         assert abs(printed[key][0] - row["unfused"] / 1e9) <= 0.006, key
         assert abs(printed[key][1] - row["fused"] / 1e9) <= 0.006, key
+
+
+def test_chained_blocks_are_those_fed_by_a_block():
+    """bn1's statistics come from the previous epilogue exactly for the blocks whose input left another block
+    unchanged: all but the stem's first two (after the stem conv, after the pool), each hourglass's low1 (after
+    its pool) and the later stacks' outermost up1 (after the merge adds). Their forward is 1·A_in cheaper."""
+    layers = bm.model_layers(256, nstack=3)
+    unchained = sorted(layer["name"] for layer in layers if layer["kind"] == "residual" and not layer["chained"])
+    low1 = [f"hgs.{i}.0" + ".low2" * d + ".low1" for i in range(3) for d in range(4)]
+    assert unchained == sorted(["pre.1", "pre.3", "hgs.1.0.up1", "hgs.2.0.up1", *low1])
+    chained = bm.model_table(32, 256, nstack=3)[("model", "forward")]["fused"]
+    per_block = [layer for layer in layers if layer.get("chained")]
+    saved = sum(32 * layer["cin"] * layer["h"] * layer["w"] * 2 for layer in per_block)
+    unchained_total = sum(b for layer in layers for p, _, b in bm._layer_stages(layer, 32, 2, True, False)
+                          if p == "forward")
+    assert chained == unchained_total - saved

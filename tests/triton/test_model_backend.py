@@ -45,3 +45,17 @@ def test_triton_hourglass_matches_reference(increase):
     ref.eval()
     with torch.no_grad():
         torch.testing.assert_close(hg(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_triton_hourglass_takes_statistics_from_epilogues(monkeypatch):
+    """In a depth-2 hourglass only up1 (the test's input), low1 and low2.low1 (after the pools) run a statistics
+    pass over their input; the other four blocks read bn1's statistics from the conv3 epilogue that wrote it."""
+    from fused_hourglass.triton import conv_kernels as ck
+
+    launched = []
+    real = ck._launch
+    monkeypatch.setattr(ck, "_launch", lambda kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
+    hg = fh_model.Hourglass(2, 6).to(DEVICE)
+    _set_mode(hg, "triton")
+    hg(torch.randn(1, 6, 4, 4, device=DEVICE))
+    assert launched.count(ck._channel_stats_kernel) == 3

@@ -257,3 +257,49 @@ def test_freeze_unused_skips_changes_no_launch(monkeypatch):
     fused_residual(block, x).sum().backward()
     assert block.skip_layer.conv.weight.grad is None and block.conv1.conv.weight.grad is not None
     assert after == before[:len(after)] and len(before) == 2 * len(after)  # `before` also saw the second call
+
+
+def _chain(blocks, x, fused: bool, between=None):
+    out = x
+    for i, block in enumerate(blocks):
+        out = fused_residual(block, out) if fused else block(out)
+        if between is not None and i == 0:
+            out = between(out)
+    return out
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["chained", "changed-in-between"])
+def test_next_block_takes_bn1_statistics_from_the_epilogue(monkeypatch, in_place):
+    """Block 2 reading block 1's output unchanged launches no statistics pass over it (conv3's epilogue gave them),
+    with output, every gradient and the running statistics still the reference's; an in-place change in between
+    (the version counter) makes block 2 compute its own."""
+    ref = [_randomised_block(6, 10, seed=10).double(), _randomised_block(10, 10, seed=11).double()]
+    fused = [copy.deepcopy(b).float().to(DEVICE) for b in ref]
+    x = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64) * 2 - 1
+    g = torch.randn(2, 10, 4, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    between = (lambda t: t.mul_(1.5)) if in_place else None
+    x_ref = x.clone().requires_grad_()
+    _chain(ref, x_ref, False, between).backward(g)
+    seen = _launches(monkeypatch)
+    x_f = x.to(DEVICE, torch.float32).requires_grad_()
+    out = _chain(fused, x_f, True, between)
+    assert sum(name == "channel_stats" for name, *_ in seen) == (2 if in_place else 1)
+    out.backward(g.to(DEVICE, torch.float32))
+    torch.testing.assert_close(x_f.grad.double().cpu(), x_ref.grad, atol=1e-4, rtol=1e-4)
+    for r, f in zip(ref, fused, strict=True):
+        for (name, want), got in zip(r.named_parameters(), f.parameters(), strict=True):
+            if want.grad is not None:
+                torch.testing.assert_close(got.grad.double().cpu(), want.grad, atol=1e-4, rtol=1e-4,
+                                           msg=lambda m, n=name: f"{n}: {m}")
+        for (name, want), got in zip(r.named_buffers(), f.buffers(), strict=True):
+            torch.testing.assert_close(got.double().cpu(), want.double(), atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_eval_output_carries_no_statistics(monkeypatch):
+    block = _randomised_block(6, 6, seed=14).to(DEVICE).eval()
+    seen = _launches(monkeypatch)
+    with torch.no_grad():
+        out = fused_residual(block, fused_residual(block, torch.randn(1, 6, 3, 3, device=DEVICE)))
+    assert not any(name == "channel_stats" for name, *_ in seen)
+    assert not hasattr(out, "_fused_hourglass_batch_stats")
