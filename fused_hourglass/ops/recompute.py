@@ -175,6 +175,9 @@ def bn_relu_conv_chain(u: torch.Tensor, steps: Sequence[ConvStep], *,
     if len(steps) == 0:
         raise ValueError(f"{op}: steps must hold at least one ConvStep, got none")
     check_4d_float(u, op, "u")
+    for i, step in enumerate(steps):
+        if not isinstance(step, ConvStep):
+            raise TypeError(f"{op}: steps[{i}] must be a ConvStep, got {type(step).__name__}")
     first_weight, first_bias, first_padding = (None, None, 0) if first_conv is None else first_conv
     convs = [("first_conv[0]", first_weight)] if first_weight is not None else []
     convs += [(f"steps[{i}].conv_weight", s.conv_weight) for i, s in enumerate(steps)]
