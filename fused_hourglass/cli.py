@@ -151,6 +151,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inp-dim", type=int, help=f"features per hourglass ({d('inp_dim')})")
     g.add_argument("--backend", choices=("auto", "fused", "triton", "reference"),
                    help=f"StackedHourglass backend ({d('backend')})")
+    g.add_argument("--recompute", choices=("none", "conv1", "block"),
+                   help="fused backend's memory policy: what each Residual saves for backward; conv1 and block "
+                        f"recompute the BatchNorm inputs of a block from its input ({d('recompute')})")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help=f"run in channels_last memory format ({d('channels_last')})")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -184,8 +187,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 _OVERRIDES = ("data", "annotations", "val_annotations", "images", "res", "sigma", "train_size", "val_size",
-              "workers", "nstack", "inp_dim", "backend", "channels_last", "amp", "batch_size", "lr", "schedule",
-              "lr_drop_step", "lr_drop_to", "steps", "seed", "device", "out", "log_every", "val_every",
+              "workers", "nstack", "inp_dim", "backend", "recompute", "channels_last", "amp", "batch_size", "lr",
+              "schedule", "lr_drop_step", "lr_drop_to", "steps", "seed", "device", "out", "log_every", "val_every",
               "checkpoint_every", "keep_last", "grad_accum", "sync_bn", "dist_timeout")
 
 

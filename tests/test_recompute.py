@@ -348,3 +348,11 @@ def test_chain_errors_name_the_argument():
         bn_relu_conv_chain(u, [steps[0], bad])
     with pytest.raises(ValueError, match=r"first_conv\[0\] must have 4 input channels"):
         bn_relu_conv_chain(u, steps, first_conv=(torch.zeros(4, 3, 1, 1, dtype=torch.float64), None, 0))
+
+
+def test_train_config_recompute():
+    from fused_hourglass.engine.config import from_preset
+
+    assert from_preset("demo", recompute="block").recompute == "block"
+    with pytest.raises(ValueError, match="--recompute must be one of none, conv1, block; got 'all'"):
+        from_preset("demo", recompute="all")

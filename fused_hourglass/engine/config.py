@@ -29,6 +29,7 @@ class TrainConfig:
     oup_dim: int = 16
     increase: int = 0
     backend: str = "fused"
+    recompute: str = "none"  # the fused backend's memory policy: "none" | "conv1" | "block" (StackedHourglass)
     channels_last: bool = True
     # optimisation
     batch_size: int = 16
@@ -116,6 +117,8 @@ def validate(c: TrainConfig) -> None:
         raise ValueError(f"--schedule must be 'onecycle' or 'step', got {c.schedule!r}")
     if c.backend not in ("auto", "reference", "fused", "triton"):
         raise ValueError(f"--backend must be one of auto, reference, fused, triton; got {c.backend!r}")
+    if c.recompute not in ("none", "conv1", "block"):
+        raise ValueError(f"--recompute must be one of none, conv1, block; got {c.recompute!r}")
     if c.amp and c.backend == "triton":
         raise ValueError("--amp: training under autocast is not yet as accurate as the reference on --backend triton "
                          "(its gradients there are 10-50x the reference's error); use --backend fused or reference")

@@ -223,7 +223,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, checkpoint: dict[s
     source = make_source(config)  # before the model: a missing image folder fails before any work
     source.rank = ctx.rank
     model = StackedHourglass(config.nstack, config.inp_dim, config.oup_dim, increase=config.increase,
-                             backend=config.backend, sync_bn=config.sync_bn).to(device)
+                             backend=config.backend, sync_bn=config.sync_bn, recompute=config.recompute).to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     if checkpoint is None and ctx.rank:
