@@ -176,8 +176,11 @@ class StackedHourglass(reference.StackedHourglass):
         recompute: the fused backend's memory policy in training, "none" (default), "conv1" or "block": what each
             Residual saves for backward (see `Residual`). "none" keeps x, conv1's and conv2's outputs; "conv1"
             recomputes conv1's 1×1 output from x in backward (one more 1×1 convolution); "block" recomputes conv1's
-            and conv2's outputs from x, keeping only x. Outputs, gradients and running statistics are the same
-            under every policy (the recompute normalises with the forward's batch statistics and updates nothing).
+            and conv2's outputs from x, keeping only x. Under both, each stack's head (its 1×1 feature convolution,
+            BatchNorm and ReLU, then the prediction and merge convolutions) keeps only its input too, recomputing
+            the feature convolution's output. At (8, 256, 16), 256 px: 325, 208 and 153 MiB per image, against the
+            eager reference's 564. Outputs, gradients and running statistics are the same under every policy (the
+            recompute normalises with the forward's batch statistics and updates nothing).
             With a policy other than "none", "auto" picks "fused" over "triton" for training; the triton and
             reference backends, and synchronised BatchNorm across processes, save as with "none". May be changed
             later through the `recompute` attribute.
