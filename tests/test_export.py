@@ -65,6 +65,7 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"ONNX opset {OPSET}" in printed and "[batch, 3, 64, 64]" in printed
 
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("model.onnx")] == ["model.onnx"]  # one file
     graph = onnx.load(str(out))
     assert {(o.domain, o.version) for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {("", OPSET)}
     residuals = sum(isinstance(m, reference.Residual) for m in model.modules())

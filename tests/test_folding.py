@@ -291,6 +291,13 @@ def test_relu_and_additions_run_as_onednn_post_ops(monkeypatch):
     monkeypatch.setattr(folding, "_POINTWISE", Counting())
     model, x = _model(), _images()
     out, _ = _folded(model, x)
+    # by default only planes of at least POST_OP_MIN_POSITIONS positions take the post-op convolutions (the stem's
+    # 2·64·64 input and the 2·32·32 stem Residuals here), the smaller ones ATen's convolution and an in-place op
+    assert 0 < sum(calls.values()) < _layers(model)
+    _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
+    calls.update(relu=0, none=0, add=0)
+    monkeypatch.setattr(folding, "POST_OP_MIN_POSITIONS", 0)
+    out, _ = _folded(model, x)
     nstack = CONFIG[0]
     residuals = sum(isinstance(m, reference.Residual) for m in model.modules())
     used_skips = sum(isinstance(m, reference.Residual) and m.need_skip for m in model.modules())

@@ -70,6 +70,6 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, res: i
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(folded, (images,), out, dynamo=True, opset_version=opset, input_names=["images"],
                           output_names=["heatmaps"], dynamic_shapes={"imgs": {0: torch.export.Dim("batch")}},
-                          verbose=False)
+                          external_data=False, verbose=False)
     return {"path": out, "opset": opset, "res": res, "config": model.config, "batchnorms": n_bn,
             "folded": n_bn - kept}
