@@ -8,7 +8,7 @@ from torch import nn
 
 from fused_hourglass import StackedHourglass, folding, reference
 
-from .conftest import requires_extension
+from .conftest import requires_cuda, requires_extension
 
 pytestmark = requires_extension
 
@@ -320,3 +320,13 @@ def test_autocast_bfloat16_within_the_reference_error():
     assert folds > 0 and out.dtype == want.dtype == torch.bfloat16
     err, err_ref = (float((t.double() - exact).abs().max()) for t in (out, want))
     assert err <= 2 * err_ref, (err, err_ref)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_folded_on_cuda_matches_unfolded():
+    model, x = _model().cuda(), _images().cuda()
+    out, folds = _folded(model, x)
+    assert folds == _layers(model) and out.device.type == "cuda"
+    unfolded = _unfolded(model, x)
+    _assert_fp32_tolerance(out, unfolded, _float64(model.cpu(), x.cpu()).cuda())
