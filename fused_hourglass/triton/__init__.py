@@ -9,6 +9,7 @@ from __future__ import annotations
 
 try:
     from . import conv_kernels
+    from .head import FusedHeadFunction, fused_head
     from .residual import FusedResidual, FusedResidualFunction, fused_residual
 
     UNAVAILABLE_REASON: str | None = None
@@ -20,4 +21,5 @@ INTERPRET = AVAILABLE and conv_kernels.INTERPRET
 
 __all__ = ["AVAILABLE", "INTERPRET", "UNAVAILABLE_REASON"]
 if AVAILABLE:
-    __all__ += ["FusedResidual", "FusedResidualFunction", "fused_residual", "conv_kernels"]
+    __all__ += ["FusedHeadFunction", "FusedResidual", "FusedResidualFunction", "fused_head", "fused_residual",
+                "conv_kernels"]

@@ -172,6 +172,11 @@ def _take_stats(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor] | 
     return psum, pm2
 
 
+def stash_stats(out: torch.Tensor, psum: torch.Tensor, pm2: torch.Tensor) -> None:
+    """Attach the statistics partials of `out` (from the epilogue that wrote it) for the next block's bn1."""
+    setattr(out, _STATS_ATTR, (out._version, out.dtype, ck.STATS_BLOCK_M, psum, pm2))
+
+
 def fused_residual(block: Residual, x: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
     """`block(x)` (+ nearest_up2x(low)) through the fused Triton kernels; same values, running-stat updates and
     gradients as the reference module.
@@ -201,7 +206,7 @@ def fused_residual(block: Residual, x: torch.Tensor, low: torch.Tensor | None = 
     out, psum, pm2 = FusedResidualFunction.apply(x_nhwc, low_nhwc, x_stats, emit, block, *_params(block))
     out = out.permute(0, 3, 1, 2)
     if emit:
-        setattr(out, _STATS_ATTR, (out._version, out.dtype, ck.STATS_BLOCK_M, psum, pm2))
+        stash_stats(out, psum, pm2)
     return out
 
 
