@@ -76,3 +76,26 @@ def test_train_step(benchmark, impl, layout):
 
     loss = benchmark(step)
     assert torch.isfinite(loss)
+
+
+def test_model_side_by_side(benchmark):
+    """The interleaved side-by-side table of `python -m fused_hourglass bench --model` (every backend, layout, bf16
+    autocast, memory policy and torch.compile, ratios to eager NCHW, compile times apart); printed with -s. With
+    benchmarks disabled, a tiny model without the compile rows checks the machinery."""
+    from fused_hourglass import model_bench
+
+    benchmark.group = "model side by side (interleaved rounds)"
+    if benchmark.disabled:
+        rows = benchmark(lambda: model_bench.run(1, 16, 64, 2, rounds=1, compile=False, say=lambda s: None))
+    else:
+        rows = benchmark.pedantic(lambda: model_bench.run(CONFIG["nstack"], CONFIG["inp_dim"], SIDE, 4, rounds=7,
+                                                          say=print), rounds=1, iterations=1)
+        print("\n" + model_bench.table(rows, f"({CONFIG['nstack']}, {CONFIG['inp_dim']}, 16), {SIDE} px, batch 4"))
+        for row in rows:
+            benchmark.extra_info[row.name] = round(1e3 * sorted(row.times["train"])[len(row.times["train"]) // 2], 1)
+    assert all(len(r.times["train"]) == len(r.times["eval"]) > 0 for r in rows)
+    by_name = {r.name: r for r in rows}
+    # the memory policies save less than the default fused path, which saves less than eager
+    saved = [by_name[n].saved_mib for n in ("reference eager, NCHW", "fused, channels_last",
+                                            "fused, recompute=conv1, CL", "fused, recompute=block, CL")]
+    assert saved == sorted(saved, reverse=True) and saved[-1] < saved[0]

@@ -109,6 +109,8 @@ def info(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
+    if args.model:
+        return _bench_model(args)
     from . import benchmarking
 
     sides = tuple(int(s) for s in args.sides.split(","))
@@ -116,6 +118,26 @@ def bench(args: argparse.Namespace) -> int:
     print(f"CPU threads: {torch.get_num_threads()}; fastest of repeated calls; ratios are to a copy of the "
           "same output bytes")
     benchmarking.run_cases(cases, min_seconds=args.seconds)
+    return 0
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    from . import model_bench
+
+    for name in ("nstack", "inp_dim", "batch", "rounds", "side"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.side % 64:
+        raise ValueError(f"--side must be a multiple of 64 (the network's input side), got {args.side}")
+    header = (f"StackedHourglass({args.nstack}, {args.inp_dim}, 16), {args.side} px, batch {args.batch}, "
+              f"{torch.get_num_threads()} threads, medians of {args.rounds} interleaved rounds")
+    print(header)
+    rows = model_bench.run(args.nstack, args.inp_dim, args.side, args.batch, args.rounds,
+                           compile=not args.no_compile)
+    print(model_bench.table(rows, header))
+    if args.png:
+        print(model_bench.plot(rows, args.png))
     return 0
 
 
@@ -319,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--sides", default="8,16,32,64", help="comma-separated output sides in pixels "
                          "(default: 8,16,32,64)")
     p_bench.add_argument("--seconds", type=float, default=0.3, help="minimum timing per implementation (default: 0.3)")
+    g = p_bench.add_argument_group("the whole model (--model): every backend, layout, precision, memory policy and "
+                                   "torch.compile, interleaved rounds in one process")
+    g.add_argument("--model", action="store_true", help="benchmark the whole model instead of the upsample_add op")
+    g.add_argument("--nstack", type=int, default=2, help="default: 2")
+    g.add_argument("--inp-dim", type=int, default=128, help="default: 128")
+    g.add_argument("--side", type=int, default=128, help="input side in pixels (default: 128)")
+    g.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default: 7)")
+    g.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (minutes to compile)")
+    g.add_argument("--png", metavar="FILE", help="write saved memory against step time as a PNG")
     p_bench.set_defaults(func=bench)
     return parser
 

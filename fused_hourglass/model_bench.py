@@ -1,0 +1,176 @@
+"""One side-by-side model benchmark (`python -m fused_hourglass bench --model`): the training step and the eval
+forward of every way to run the network — eager reference (NCHW, channels_last, bf16 autocast), the fused backend
+(NCHW, channels_last, autocast, each memory policy), torch.compile of the reference and of the fused model — timed
+in interleaved rounds in one process, so that a drifting machine moves every row alike. Ratios are to the eager
+reference with NCHW input; compile times are reported in their own column; saved-activation MiB per image
+(measured with saved_tensors_hooks, one storage counted once) beside the step time of each training row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import HeatmapLoss, StackedHourglass, reference
+
+
+@dataclass
+class Row:
+    name: str
+    model: torch.nn.Module
+    layout: torch.memory_format = torch.contiguous_format
+    autocast: bool = False
+    compile: bool = False
+    compile_s: dict[str, float] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "eval": []})
+    saved_mib: float | None = None
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: bool = False) -> int:
+    """Bytes autograd saves for backward in one training forward (each storage once; parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        loss = HeatmapLoss()(model(x).float(), target)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def _runner(row: Row, x: torch.Tensor, target: torch.Tensor, mode: str) -> Callable[[], None]:
+    net = row.model
+    xin = x.contiguous(memory_format=row.layout)
+    loss_fn = HeatmapLoss()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+
+    def amp():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if row.autocast else contextlib.nullcontext()
+
+    def train():
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = loss_fn(net(xin).float(), target)
+        loss.backward()
+        opt.step()
+
+    def evaluate():
+        net.eval()
+        with torch.no_grad(), amp():
+            net(xin)
+
+    return train if mode == "train" else evaluate
+
+
+def build_rows(nstack: int, inp_dim: int, *, compile: bool = True, policies: bool = True) -> list[Row]:
+    torch.manual_seed(0)
+    base = reference.StackedHourglass(nstack, inp_dim, 16)
+    state = base.state_dict()
+
+    def fused(**kw):
+        m = StackedHourglass(nstack, inp_dim, 16, backend="fused", **kw)
+        m.load_state_dict(state)
+        return m
+
+    def ref():
+        m = reference.StackedHourglass(nstack, inp_dim, 16)
+        m.load_state_dict(state)
+        return m
+
+    cl = torch.channels_last
+    rows = [Row("reference eager, NCHW", ref()), Row("reference eager, channels_last", ref(), cl),
+            Row("reference eager, bf16 autocast, CL", ref(), cl, autocast=True),
+            Row("fused, NCHW", fused()), Row("fused, channels_last", fused(), cl),
+            Row("fused, bf16 autocast, CL", fused(), cl, autocast=True)]
+    if policies:
+        rows += [Row(f"fused, recompute={p}, CL", fused(recompute=p), cl) for p in ("conv1", "block")]
+    if compile:
+        rows += [Row("compile(reference), CL", torch.compile(ref()), cl, compile=True),
+                 Row("compile(reference), bf16 autocast, CL", torch.compile(ref()), cl, autocast=True, compile=True),
+                 Row("compile(fused), CL", torch.compile(fused(), fullgraph=True), cl, compile=True)]
+    return rows
+
+
+def run(nstack: int = 2, inp_dim: int = 128, side: int = 128, batch: int = 4, rounds: int = 7,
+        compile: bool = True, policies: bool = True, say: Callable[[str], None] = print) -> list[Row]:
+    """Warm every row (compiling where asked, timed), then `rounds` interleaved rounds of one training step and one
+    eval forward per row. Returns the rows with their times."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, side, side, generator=g)
+    target = torch.rand(batch, 16, side // 4, side // 4, generator=g)
+    rows = build_rows(nstack, inp_dim, compile=compile, policies=policies)
+    runners = {}
+    for row in rows:
+        for mode in ("train", "eval"):
+            fn = _runner(row, x, target, mode)
+            t = time.perf_counter()
+            fn()  # compiles on the first call of a compiled row
+            if row.compile:
+                row.compile_s[mode] = time.perf_counter() - t
+            fn()
+            runners[row.name, mode] = fn
+        if not row.compile:
+            row.saved_mib = saved_bytes(row.model, x.contiguous(memory_format=row.layout), target,
+                                        row.autocast) / batch / 2**20
+        say(f"  ready: {row.name}" + (f" (compiled in {sum(row.compile_s.values()):.0f} s)" if row.compile else ""))
+    for r in range(rounds):
+        for row in rows:
+            for mode in ("train", "eval"):
+                t = time.perf_counter()
+                runners[row.name, mode]()
+                row.times[mode].append(time.perf_counter() - t)
+        say(f"  round {r + 1}/{rounds}")
+    return rows
+
+
+def table(rows: list[Row], header: str) -> str:
+    base = {m: statistics.median(rows[0].times[m]) for m in ("train", "eval")}
+    lines = [header, "",
+             "| | training step | × eager NCHW | eval forward | × eager NCHW | saved MiB/image | compile s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        t, e = statistics.median(row.times["train"]), statistics.median(row.times["eval"])
+        saved = f"{row.saved_mib:.1f}" if row.saved_mib is not None else "–"
+        comp = f"{row.compile_s.get('train', 0):.0f} + {row.compile_s.get('eval', 0):.0f}" if row.compile else "–"
+        lines.append(f"| {row.name} | {1e3 * t:.0f} ms | {base['train'] / t:.2f}× | {1e3 * e:.0f} ms | "
+                     f"{base['eval'] / e:.2f}× | {saved} | {comp} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str) -> str:
+    """Saved MiB per image against training-step time for the rows that have both."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"skipped {path}: matplotlib is not installed (pip install '.[plot]')"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for row in rows:
+        if row.saved_mib is None:
+            continue
+        t = 1e3 * statistics.median(row.times["train"])
+        ax.scatter([t], [row.saved_mib])
+        ax.annotate(row.name, (t, row.saved_mib), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("training step, ms (median)")
+    ax.set_ylabel("saved activations, MiB per image")
+    ax.set_title("memory against time", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return f"wrote {path}"
