@@ -8,7 +8,8 @@ Backends:
                the convolutions followed by BatchNorm and ReLU (the stem, each stack's features) end in one
                `bn_relu`; pools are `max_pool2x2` (no saved indices); the hourglass merge is one `upsample_add`.
   "triton"     CUDA: every Residual is the Triton BN-ReLU-prologue conv chain (`fused_hourglass.triton`), the
-               hourglass merge folded into up1's last convolution; pools and `bn_relu` as "fused".
+               hourglass merge folded into up1's last convolution; each stack's head (feature Conv, prediction,
+               merge) is one `fused_head`; pools and the stem's `bn_relu` as "fused".
   "auto"       "triton" for CUDA inputs when Triton is available and the model is float32, float16 or
                bfloat16, else "fused" when the extension has kernels for the input's device, else "reference".
 """
@@ -292,7 +293,10 @@ class StackedHourglass(reference.StackedHourglass):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference forward; under a recompute policy, each stack's head (the feature convolution, its BatchNorm
         and ReLU, then the prediction and feature-merge convolutions as one convolution of their concatenated
-        weights) runs as one `bn_relu_conv_chain` that saves only the head's input."""
+        weights) runs as one `bn_relu_conv_chain` that saves only the head's input. On the triton backend (without
+        synchronised BatchNorm), `_triton_forward`."""
+        if self._active == "triton" and self._sync_routed is None:
+            return self._triton_forward(x)
         if self._recompute == "none" or self._active != "fused" or self._sync_routed is not None or (
                 not torch.is_grad_enabled()):
             return super().forward(x)
@@ -314,6 +318,19 @@ class StackedHourglass(reference.StackedHourglass):
             preds_per_stack.append(preds)
             if i < self.nstack - 1:
                 x = x + self.merge_preds[i](preds) + y[:, oup_dim:]
+        return torch.stack(preds_per_stack, 1)
+
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference forward with each stack's head as one `fused_head`: the feature convolution's BatchNorm-ReLU
+        is the prologue of the prediction and feature-merge convolutions (its output never written), the merge's
+        additions are in their epilogues."""
+        x = self.pre(x.permute(0, 3, 1, 2) if self.input_format == "NHWC" else x)
+        preds_per_stack = []
+        for i in range(self.nstack):
+            h = self.features[i][0](self.hgs[i](x))
+            merge = (x, self.merge_preds[i].conv, self.merge_features[i].conv) if i < self.nstack - 1 else ()
+            preds, x = _triton().fused_head(h, self.features[i][1], self.outs[i], *merge)
+            preds_per_stack.append(preds)
         return torch.stack(preds_per_stack, 1)
 
     @classmethod

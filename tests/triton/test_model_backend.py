@@ -59,3 +59,55 @@ def test_triton_hourglass_takes_statistics_from_epilogues(monkeypatch):
     _set_mode(hg, "triton")
     hg(torch.randn(1, 6, 4, 4, device=DEVICE))
     assert launched.count(ck._channel_stats_kernel) == 3
+
+
+
+def test_triton_model_heads_match_reference(monkeypatch):
+    """A StackedHourglass(2, 6, 3) on the triton backend, its stem left on the reference modules (the stem's 64- and
+    128-channel blocks at 32×32 take minutes in the interpreter): each stack's head runs as one `fused_head` (the
+    second hourglass's up1 taking bn1's statistics from the merge's epilogue), and one training step (output, input
+    and parameter gradients, running statistics) and an eval forward equal the float64 reference's. Judged on each
+    tensor's scale: through two depth-4 hourglasses whose innermost BatchNorms see 2 values per channel, fp32
+    rounding grows to ~1e-3 of a gradient's largest entry."""
+    import fused_hourglass.triton as fh_triton
+
+    heads = []
+    real = fh_triton.fused_head
+    monkeypatch.setattr(fh_triton, "fused_head", lambda *a, **k: heads.append(len(a)) or real(*a, **k))
+    torch.manual_seed(0)
+    model = fh_model.StackedHourglass(2, 6, 3, backend="triton").to(DEVICE)
+    ref = reference.StackedHourglass(2, 6, 3).double()
+    ref.load_state_dict(model.state_dict())
+    model._active = "triton"  # as the first forward would set it, so that the modes below are kept
+    _set_mode(model, "triton")
+    _set_mode(model.pre, "reference")
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_()
+    x_f = x.float().to(DEVICE).requires_grad_()
+
+    def close(got, expected, rel, msg, scale=None):
+        scale = expected.abs().max().item() if scale is None else scale
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=rel * scale + 1e-4, msg=msg)
+
+    out, expected = model(x_f), ref(x_ref)
+    assert heads == [6, 3]  # with the merge, then the last stack's
+    close(out, expected.detach(), 1e-3, "output")
+    grad = torch.randn_like(expected)
+    out.backward(grad.float().to(DEVICE))
+    expected.backward(grad)
+    close(x_f.grad, x_ref.grad, 5e-3, "input gradient")
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        q = ref_params[name]
+        if q.grad is None:
+            assert p.grad is None, name
+        else:
+            # a bias before a BatchNorm has a zero gradient: judged on its weight's gradient scale
+            weight = ref_params[name.rsplit(".", 1)[0] + ".weight"].grad
+            close(p.grad, q.grad, 5e-3, name, max(q.grad.abs().max().item(), weight.abs().max().item()))
+    for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers(), strict=True):
+        close(b, c, 1e-4, name)
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        close(model(x_f), ref(x), 1e-3, "eval output")
