@@ -23,9 +23,14 @@ Assumptions (first principles, no cache effects beyond the ones named):
   block, whose conv3 epilogue gave them; three prologue convs, BN-ReLU never written, the skip add and the
   hourglass merge `+ up2x(low3)` in conv3's epilogue; backward as in `fused_block_stages`), `max_pool2x2` (no
   indices: its backward re-reads the input), and `bn_relu` after the stem and feature convolutions (statistics
-  and apply: read 2, write 1; backward read 2, then read 2 and write 1).
-  The stem, feature and head convolutions, the merges and the output stack are eager in both. The
-  weight-gradient split partials (fp32, a few % at C = 256) are not counted.
+  and apply: read 2, write 1; backward read 2, then read 2 and write 1) after the stem convolution; each stack's
+  head as `head.FusedHeadFunction` runs it: the feature convolution with a statistics epilogue, its BN-ReLU the
+  prologue of outs and merge_features (r never written), the merge additions in the epilogues of merge_preds (+ x)
+  and merge_features (+ that, with statistics for the next hourglass's up1); backward one dgrad and one wgrad over
+  outs' and merge_features' concatenated output gradients (the concatenation written once), the BN apply pass, the
+  feature convolution's dgrad and wgrad, merge_preds' dgrad and wgrad.
+  The stem convolution and the output stack are eager in both. The weight-gradient split partials (fp32, a few %
+  at C = 256) are not counted.
 With A = N·H·W·C·dtype_bytes (one full-width activation): a C → C block's forward is 17·A unfused against 6·A fused
 (5·A, DESIGN.md's ≈336 MB, when x's statistics come from the previous block's conv3 epilogue: `x_stats=True`);
 backward 27·A against 17·A.
@@ -151,11 +156,13 @@ def model_layers(side: int, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 
                  ) -> list[dict]:
     """The layers of StackedHourglass(nstack, inp_dim, oup_dim, increase=increase) on images of `side` pixels, in
     forward order, each a dict with `name` (the module path, or the tensor a step acts on), `kind` and its shape:
-    - residual: cin, cout, h, w; low (the hourglass merge follows); chained (x is the previous residual block's
-      output as it left that block, so the triton backend takes bn1's statistics from its conv3 epilogue);
-    - conv: cin, cout, k, stride, h and w of the output, bn_relu; pool: c, h and w of the input;
+    - residual: cin, cout, h, w; low (the hourglass merge follows); chained (x left the previous residual block or
+      the stack's merge unchanged, so the triton backend takes bn1's statistics from that epilogue);
+    - conv: cin, cout, k, stride, h and w of the output, bn_relu; head: "feature" (a stack's feature Conv) or
+      "outs" (its prediction), with merge (the merge follows); pool: c, h and w of the input;
     - merge: the stack's `x + merge_preds(p) + merge_features(f)`, c, p, h, w;
-    - fanout: a tensor used twice, whose gradients autograd sums, c, h, w; stack: the output, nstack, c, h, w."""
+    - fanout: a tensor used twice, whose gradients autograd sums, c, h, w, and eager_only where the triton backend
+      never writes that tensor; stack: the output, nstack, c, h, w."""
     layers: list[dict] = []
 
     def residual(name, cin, cout, h, low=False, chained=True):
@@ -184,14 +191,15 @@ def model_layers(side: int, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 
     for i in range(nstack):
         if i < nstack - 1:
             layers.append({"name": f"x (stack {i} input)", "kind": "fanout", "c": inp_dim, "h": s4, "w": s4})
-        hourglass(f"hgs.{i}.0", 4, inp_dim, s4, increase, chained=i == 0)  # later stacks: x from the merge
+        hourglass(f"hgs.{i}.0", 4, inp_dim, s4, increase, chained=True)  # later stacks: x from the merge's epilogue
         residual(f"features.{i}.0", inp_dim, inp_dim, s4)
+        merge = i < nstack - 1
         layers.append({"name": f"features.{i}.1", "kind": "conv", "cin": inp_dim, "cout": inp_dim, "k": 1,
-                       "stride": 1, "h": s4, "w": s4, "bn_relu": True})
+                       "stride": 1, "h": s4, "w": s4, "bn_relu": True, "head": "feature", "merge": merge})
         layers.append({"name": f"outs.{i}", "kind": "conv", "cin": inp_dim, "cout": oup_dim, "k": 1, "stride": 1,
-                       "h": s4, "w": s4, "bn_relu": False})
-        if i < nstack - 1:
-            layers += [{"name": f"feature {i}", "kind": "fanout", "c": inp_dim, "h": s4, "w": s4},
+                       "h": s4, "w": s4, "bn_relu": False, "head": "outs", "merge": merge})
+        if merge:
+            layers += [{"name": f"feature {i}", "kind": "fanout", "c": inp_dim, "h": s4, "w": s4, "eager_only": True},
                        {"name": f"preds {i}", "kind": "fanout", "c": oup_dim, "h": s4, "w": s4},
                        {"name": f"merge {i}", "kind": "merge", "c": inp_dim, "p": oup_dim, "h": s4, "w": s4}]
     layers.append({"name": "stack", "kind": "stack", "nstack": nstack, "c": oup_dim, "h": s4, "w": s4})
@@ -210,6 +218,8 @@ def _layer_stages(layer: dict, n: int, db: int, fused: bool, x_stats: bool) -> l
         if fused:
             return fused_block_stages(*args, cout=layer["cout"], low=layer["low"], x_stats=x_stats)
         return unfused_block_stages(*args, cout=layer["cout"], low=layer["low"])
+    if kind == "conv" and fused and "head" in layer:
+        return _fused_head_stages(layer, n, db)
     if kind == "conv":
         a_in = act(layer["cin"], layer["h"] * layer["stride"], layer["w"] * layer["stride"])
         y = act(layer["cout"])
@@ -229,15 +239,35 @@ def _layer_stages(layer: dict, n: int, db: int, fused: bool, x_stats: bool) -> l
         return [("forward", "max_pool2d + int64 indices", a + a // 4 + idx),
                 ("backward", "max_pool2d backward", a // 4 + idx + a)]
     if kind == "fanout":
-        return [("backward", "gradient sum", 3 * act(layer["c"]))]
+        return [] if fused and layer.get("eager_only") else [("backward", "gradient sum", 3 * act(layer["c"]))]
     if kind == "merge":
         a, p = act(layer["c"]), act(layer["p"])
+        if fused:
+            return [("forward", "merge_preds 1×1 [+ x epilogue]", p + 2 * a),
+                    ("forward", "merge_features 1×1 [bn prologue, + merge_preds epilogue, stats]", 3 * a),
+                    ("backward", "merge_preds dgrad: g → dpreds", a + p),
+                    ("backward", "merge_preds wgrad: preds, g", p + a),
+                    ("backward", "concatenate (dpreds, g) for outs + merge_features", 2 * (p + a))]
         return [("forward", "merge_features conv", 2 * a), ("forward", "merge_preds conv", p + a),
                 ("forward", "two adds", 6 * a), ("backward", "merge_features dgrad + wgrad", 4 * a),
                 ("backward", "merge_preds dgrad + wgrad", 2 * a + 2 * p)]
     if kind == "stack":
         return [("forward", "torch.stack", 2 * layer["nstack"] * act(layer["c"]))]
     raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def _fused_head_stages(layer: dict, n: int, db: int) -> list[Stage]:
+    """A stack's feature Conv or outs on the triton backend (`head.FusedHeadFunction`; the merge's own stages are the
+    merge layer's): BN-ReLU never written; its backward reductions in the dgrad over the concatenated gradients."""
+    a = n * layer["cin"] * layer["h"] * layer["w"] * db
+    if layer["head"] == "feature":
+        return [("forward", "conv 1×1 [stats epilogue]", 2 * a), ("backward", "bn apply: dz, y → du", 3 * a),
+                ("backward", "conv dgrad: du → dh", 2 * a), ("backward", "conv wgrad: h, du", 2 * a)]
+    dy = n * (layer["cout"] + (layer["cin"] if layer["merge"] else 0)) * layer["h"] * layer["w"] * db
+    heads = "outs + merge_features" if layer["merge"] else "outs"
+    return [("forward", "outs 1×1 [bn prologue]", a + n * layer["cout"] * layer["h"] * layer["w"] * db),
+            ("backward", f"{heads} dgrad [relu mask, Σdz, Σdz·x̂]: dy, y → dz", dy + 2 * a),
+            ("backward", f"{heads} wgrad: y, dy", a + dy)]
 
 
 def model_stages(n: int, side: int, nstack: int = 8, inp_dim: int = 256, oup_dim: int = 16, increase: int = 0,

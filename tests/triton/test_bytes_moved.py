@@ -108,16 +108,33 @@ def test_whole_model_report(capsys):
 
 
 def test_chained_blocks_are_those_fed_by_a_block():
-    """bn1's statistics come from the previous epilogue exactly for the blocks whose input left another block
-    unchanged: all but the stem's first two (after the stem conv, after the pool), each hourglass's low1 (after
-    its pool) and the later stacks' outermost up1 (after the merge adds). Their forward is 1·A_in cheaper."""
+    """bn1's statistics come from the previous epilogue exactly for the blocks whose input left another block or the
+    stack's merge (merge_features' epilogue) unchanged: all but the stem's first two (after the stem conv, after the
+    pool) and each hourglass's low1 (after its pool). Their forward is 1·A_in cheaper."""
     layers = bm.model_layers(256, nstack=3)
     unchained = sorted(layer["name"] for layer in layers if layer["kind"] == "residual" and not layer["chained"])
     low1 = [f"hgs.{i}.0" + ".low2" * d + ".low1" for i in range(3) for d in range(4)]
-    assert unchained == sorted(["pre.1", "pre.3", "hgs.1.0.up1", "hgs.2.0.up1", *low1])
+    assert unchained == sorted(["pre.1", "pre.3", *low1])
     chained = bm.model_table(32, 256, nstack=3)[("model", "forward")]["fused"]
     per_block = [layer for layer in layers if layer.get("chained")]
     saved = sum(32 * layer["cin"] * layer["h"] * layer["w"] * 2 for layer in per_block)
     unchained_total = sum(b for layer in layers for p, _, b in bm._layer_stages(layer, 32, 2, True, False)
                           if p == "forward")
     assert chained == unchained_total - saved
+
+
+def test_fused_head_formulas():
+    """On the triton backend a stack's head (feature Conv, outs, merge) moves 8·A + 2·P forward (A, P: one activation
+    of C and of oup_dim channels; the feature tensor r is never written) and 16·A + 9·P backward, the last stack's
+    3·A + P and 10·A + 2·P; eager moves 17·A + 2·P forward for a merged stack."""
+    n, c, p_dim, side = 32, 256, 16, 256
+    a, p = (n * ch * (side // 4) ** 2 * 2 for ch in (c, p_dim))
+    rows = bm.model_stages(n, side, nstack=2, inp_dim=c, oup_dim=p_dim)
+
+    def total(kind, stack, pass_):
+        names = (f"features.{stack}.1:", f"outs.{stack}:", f"merge {stack}:", f"feature {stack}:", f"preds {stack}:")
+        return sum(b for _, ps, stage, b in rows[kind] if ps == pass_ and stage.startswith(names))
+
+    assert (total("fused", 0, "forward"), total("fused", 0, "backward")) == (8 * a + 2 * p, 16 * a + 9 * p)
+    assert (total("fused", 1, "forward"), total("fused", 1, "backward")) == (3 * a + p, 10 * a + 2 * p)
+    assert total("unfused", 0, "forward") == 17 * a + 2 * p
