@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
-import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fused_hourglass.kernel_report import demangle  # noqa: E402  (c++filt, shared with info --kernels)
 
 ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+a?)'")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -30,15 +32,6 @@ def parse(text: str) -> list[dict]:
         elif current is not None and (m := USED.search(line)):
             current["registers"] = int(m.group(1))
     return rows
-
-
-def demangle(names: list[str]) -> list[str]:
-    tool = shutil.which("c++filt")
-    if not tool or not names:
-        return names
-    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, check=False).stdout
-    lines = out.splitlines()
-    return lines if len(lines) == len(names) else names
 
 
 def main() -> int:
