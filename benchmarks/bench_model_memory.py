@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from fused_hourglass import HeatmapLoss, StackedHourglass, reference
+from fused_hourglass import HeatmapLoss, StackedHourglass, model_bench, reference
 
 BYTES_CONFIG = {"nstack": 8, "inp_dim": 256, "oup_dim": 16}
 BYTES_SIDE = 256
@@ -64,19 +64,8 @@ def build(row: str, config: dict) -> torch.nn.Module:
 
 def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct storages a training forward saves for backward, parameters left out."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(seen.values())
+    return model_bench.saved_bytes(model, x)
 
 
 _saved_cache: dict[str, int] = {}

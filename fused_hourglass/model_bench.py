@@ -31,8 +31,11 @@ class Row:
     saved_mib: float | None = None
 
 
-def saved_bytes(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: bool = False) -> int:
-    """Bytes autograd saves for backward in one training forward (each storage once; parameters excluded)."""
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
+                autocast: bool = False) -> int:
+    """Bytes autograd saves for backward in one forward of `model` in its current mode (each storage once;
+    parameters excluded). With `target`, the HeatmapLoss's own saved tensors count too, and the graph is freed by
+    a backward (gradients then cleared)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -44,9 +47,11 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, a
 
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        loss = HeatmapLoss()(model(x).float(), target)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = None if target is None else HeatmapLoss()(out.float(), target)
+    if loss is not None:
+        loss.backward()
+        model.zero_grad(set_to_none=True)
     return sum(seen.values())
 
 
@@ -123,6 +128,7 @@ def run(nstack: int = 2, inp_dim: int = 128, side: int = 128, batch: int = 4, ro
             fn()
             runners[row.name, mode] = fn
         if not row.compile:
+            row.model.train()  # the column is the training step's
             row.saved_mib = saved_bytes(row.model, x.contiguous(memory_format=row.layout), target,
                                         row.autocast) / batch / 2**20
         say(f"  ready: {row.name}" + (f" (compiled in {sum(row.compile_s.values()):.0f} s)" if row.compile else ""))

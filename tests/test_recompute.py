@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_hourglass import HeatmapLoss, StackedHourglass, reference
+from fused_hourglass import HeatmapLoss, StackedHourglass, model_bench, reference
 from fused_hourglass.model import RECOMPUTE, Residual
 from fused_hourglass.ops.recompute import ConvStep, bn_relu_conv_chain
 
@@ -124,17 +124,7 @@ def test_policies_under_cpu_autocast(recompute):
 
 
 def _saved_bytes(model, x):
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(seen.values())
+    return model_bench.saved_bytes(model, x)
 
 
 def _expected_bytes(model, x, recompute):

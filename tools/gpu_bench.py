@@ -112,8 +112,8 @@ def machine_info() -> dict:
         if smi.returncode == 0 and smi.stdout.strip():
             info["driver"], info["max_sm_clock"], info["power_limit"] = (
                 v.strip() for v in (smi.stdout.splitlines()[0].split(",") + ["", "", ""])[:3])
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        info["driver"] = f"unknown (nvidia-smi: {type(exc).__name__})"
     return info
 
 
