@@ -1,6 +1,6 @@
 """The data side against the training step it feeds: SyntheticPoses samples drawn per second on one core vs the
-demo model's training step in images per second (the demo preset's model, resolution and batch), so a reader can
-see how much of a core the loader needs to keep training fed.
+demo model's training step in images per second (the demo preset's model, resolution, batch and precision on this
+machine), so a reader can see how much of a core the loader needs to keep training fed.
 
     pytest benchmarks/bench_pipeline.py --benchmark-only --benchmark-columns=min,median
 
@@ -46,9 +46,12 @@ def test_demo_training_step(benchmark):
     target = pose.make_heatmaps(batch["joints"] / 4, DEMO.res // 4, sigma=DEMO.sigma)
     loss_fn = HeatmapLoss()
 
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=DEMO.amp)  # the demo's precision on this machine
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images), target)
+        with amp:
+            loss = loss_fn(model(images).float(), target)
         loss.backward()
         opt.step()
         return loss.detach()

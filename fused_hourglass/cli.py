@@ -179,7 +179,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help=f"run in channels_last memory format ({d('channels_last')})")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"mixed precision: bfloat16 autocast on CPU, float16 on CUDA ({d('amp')})")
+                   help=f"mixed precision: bfloat16 autocast on CPU, float16 on CUDA; auto is on for CUDA and for a "
+                        f"CPU with native bf16 (AVX512-BF16 or AMX), off elsewhere and on --backend triton "
+                        f"({d('amp')})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help=f"images per step ({d('batch_size')})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate, the peak of the onecycle schedule ({d('lr')})")

@@ -312,9 +312,9 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     from fused_hourglass.engine.config import from_preset
     from fused_hourglass.engine.train import train
 
-    config = from_preset("demo", nstack=1, inp_dim=16, batch_size=2, train_size=32, val_size=4, steps=2, workers=0,
-                         checkpoint_every=1, out=str(tmp_path / "run"), device="cpu", backend="reference",
-                         schedule="step")
+    config = from_preset("demo", res=64, amp=False, nstack=1, inp_dim=16, batch_size=2, train_size=32, val_size=4,
+                         steps=2, workers=0, checkpoint_every=1, out=str(tmp_path / "run"), device="cpu",
+                         backend="reference", schedule="step")
     train(config, progress=False)
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002.pt"
     data = torch.load(ckpt, weights_only=True)
@@ -334,8 +334,8 @@ def test_grad_accum_equals_summed_micro_batches(tmp_path):
     from fused_hourglass.engine.data import ResumableBatchSampler, make_source
     from fused_hourglass.engine.train import build_scheduler, train
 
-    config = from_preset("demo", nstack=1, inp_dim=16, batch_size=2, grad_accum=2, train_size=32, val_size=4,
-                         steps=2, workers=0, checkpoint_every=1, out=str(tmp_path / "run"), device="cpu",
+    config = from_preset("demo", res=64, amp=False, nstack=1, inp_dim=16, batch_size=2, grad_accum=2, train_size=32,
+                         val_size=4, steps=2, workers=0, checkpoint_every=1, out=str(tmp_path / "run"), device="cpu",
                          backend="reference", channels_last=False)
     train(config, progress=False)
     got = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000002.pt")["state_dict"]

@@ -20,9 +20,10 @@ from fused_hourglass import StackedHourglass, checkpoint
 from fused_hourglass.cli import main
 from fused_hourglass.engine import from_preset, train
 
-# A tiny network on 64 px synthetic images: about 20-40 ms a step on two cores.
+# A tiny network on 64 px synthetic images in fp32 (whatever the demo's "auto" precision is here): about 20-40 ms
+# a step on two cores.
 TINY = {"nstack": 1, "inp_dim": 16, "res": 64, "batch_size": 2, "val_size": 4, "train_size": 64, "workers": 0,
-        "log_every": 1}
+        "log_every": 1, "amp": False}
 
 
 def tiny(tmp_path: Path, name: str, **over) -> object:
@@ -61,9 +62,10 @@ def test_short_run_lowers_the_loss(tmp_path):
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, amp):
     steps, k = 8, 3
-    common = {"steps": steps, "val_every": 4, "checkpoint_every": 100, "keep_last": 1}
+    common = {"steps": steps, "val_every": 4, "checkpoint_every": 100, "keep_last": 1, "amp": amp}
     train(tiny(tmp_path, "whole", **common), progress=False)
 
     def stop_at_k(step: int) -> None:
@@ -136,6 +138,31 @@ def test_resume_refuses_other_computations_and_foreign_files(tmp_path):
         train(None, resume=str(port_style), progress=False)
     with pytest.raises(FileNotFoundError, match="no step-"):
         train(None, resume=str(tmp_path), progress=False)
+
+
+def test_demo_preset_resolves_auto_precision_for_this_machine():
+    """The demo's mixed precision is "auto": on for CUDA and for a CPU with native bf16, off elsewhere and on the
+    triton backend; an explicit --amp/--no-amp wins; the saved configuration holds the resolved bool."""
+    from fused_hourglass.engine.config import PRESETS, native_bf16_cpu, resolve_amp, validate
+
+    assert PRESETS["demo"]["amp"] == "auto"
+    assert from_preset("demo", device="cpu").amp is native_bf16_cpu()
+    assert from_preset("demo", device="cpu", amp=False).amp is False
+    assert from_preset("demo", device="cpu", amp=True).amp is True
+    assert from_preset("demo", backend="triton").amp is False
+    assert resolve_amp("auto", "cuda:0", "fused") is True
+    assert resolve_amp("auto", "not-a-device", "fused") is False
+    config = from_preset("demo", device="cpu")
+    config.amp = "auto"
+    with pytest.raises(ValueError, match="--amp must be on or off"):
+        validate(config)
+
+
+def test_run_states_its_precision(tmp_path, capsys):
+    train(tiny(tmp_path, "run", steps=1, val_every=100, checkpoint_every=100, amp=True), progress=False)
+    assert "bf16 autocast" in capsys.readouterr().out
+    train(tiny(tmp_path, "run32", steps=1, val_every=100, checkpoint_every=100), progress=False)
+    assert ", fp32," in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ class TrainConfig:
     lr_drop_step: int = 100_000
     lr_drop_to: float = 2e-4
     steps: int = 1000
-    amp: bool = False
+    amp: bool = False  # a preset may say "auto": resolved by from_preset (resolve_amp)
     grad_accum: int = 1  # micro-batches of batch_size per process summed into one optimizer step
     sync_bn: bool = False  # BatchNorm statistics over all processes of a distributed run
     # running
@@ -58,12 +58,15 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A small model on SyntheticPoses at 64 px, sized for about five minutes on two CPU cores. Its targets have
-    # σ = 2 heatmap pixels: the port's σ = (64/4)/64 = 0.25 would be narrower than one pixel of a 16 px map, and
-    # σ must make 3σ whole for the port's patch to be centred on the joint (σ = 1.5 puts the peak half a pixel
-    # off, tied between two cells: 39 % PCKh after this run against 63 % with σ = 2). Adam's peak 4e-2: 63, 68, 72,
-    # 74 % at 5e-3, 1e-2, 2e-2, 4e-2.
-    "demo": {},
+    # A small model on SyntheticPoses at 128 px, sized for at most about five minutes on two CPU cores (2.5 min on
+    # a 2-core AMD EPYC with AVX512-BF16). 128 px rather than 64: a 64 px figure's forearm is about 4 px wide, and a
+    # 16 px heatmap's cell (4 px) is more than the PCKh threshold (half the head size, 2.7-3.8 px there): at 64 px
+    # the demo ended at 74 % after 1,000 steps and 84.8 % after 1,900 (as long as 900 steps at 128 px, which reach
+    # 87 %). Mixed precision where the device computes bf16 natively ("auto": resolve_amp), 1.7x the fp32 step
+    # at 128 px there. σ = 2 heatmap pixels: σ must make 3σ whole for the port's patch to be centred on the joint
+    # (σ = 1.5 puts the peak half a pixel off, tied between two cells: 39 % PCKh against 63 % at 64 px). Adam's
+    # peak 4e-2 (63, 68, 72, 74 % at 5e-3, 1e-2, 2e-2, 4e-2 at 64 px).
+    "demo": {"res": 128, "steps": 900, "amp": "auto"},
     # The published port's recipe: 8 stacks of 256 features, 256 px input, batch 16, Adam at 1e-3 dropped to 2e-4
     # after 100k iterations, 200k iterations in all.
     "mpii": {
@@ -78,14 +81,45 @@ RESUMABLE_OVERRIDES = ("steps", "workers", "out", "log_every", "val_every", "che
                        "dist_timeout")
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where oneDNN's bf16 convolutions are
+    faster than fp32 ones; elsewhere they are emulated and slower."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_amp(amp: Any, device: str, backend: str) -> bool:
+    """`amp` as a bool: "auto" is on where mixed precision is fast and trains as the reference does (CUDA; a CPU
+    with native bf16), off elsewhere and on the triton backend (which refuses --amp for training)."""
+    if amp != "auto":
+        return amp
+    if backend == "triton":
+        return False
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        return False  # validate() names the bad --device
+    return kind == "cuda" or (kind == "cpu" and native_bf16_cpu())
+
+
 def from_preset(preset: str, **overrides: Any) -> TrainConfig:
-    """The preset's configuration with every non-None override applied."""
+    """The preset's configuration with every non-None override applied (and a preset's "auto" mixed precision
+    resolved for this machine: see resolve_amp)."""
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ValueError(f"unknown training option {unknown[0]!r}")
+    base = TrainConfig()
+    values["amp"] = resolve_amp(values.get("amp", base.amp), values.get("device", base.device),
+                                values.get("backend", base.backend))
     config = TrainConfig(preset=preset, **values)
     validate(config)
     return config
@@ -119,6 +153,8 @@ def validate(c: TrainConfig) -> None:
         raise ValueError(f"--backend must be one of auto, reference, fused, triton; got {c.backend!r}")
     if c.recompute not in ("none", "conv1", "block"):
         raise ValueError(f"--recompute must be one of none, conv1, block; got {c.recompute!r}")
+    if not isinstance(c.amp, bool):
+        raise ValueError(f"--amp must be on or off (a preset's 'auto' is resolved by from_preset), got {c.amp!r}")
     if c.amp and c.backend == "triton":
         raise ValueError("--amp: training under autocast is not yet as accurate as the reference on --backend triton "
                          "(its gradients there are 10-50x the reference's error); use --backend fused or reference")

@@ -282,8 +282,9 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, checkpoint: dict[s
                       + (f" × {accum} accumulated" if accum > 1 else "") + ")")
     where = f"{device}" if not ctx.enabled else (f"{ctx.world_size} processes ({ctx.backend}, "
                                                  f"{'synchronised' if config.sync_bn else 'per-process'} BatchNorm)")
+    precision = ("bf16" if device.type == "cpu" else "fp16") + " autocast" if config.amp else "fp32"
     _say(f"training StackedHourglass(nstack={config.nstack}, inp_dim={config.inp_dim}) on {config.data} at "
-         f"{config.res} px, {batch_text}, backend {model.resolve_backend(device)}, {where}, "
+         f"{config.res} px, {batch_text}, backend {model.resolve_backend(device)}, {where}, {precision}, "
          f"steps {start}..{config.steps}; writing to {out}")
     status, done = "finished", start
     interval_loss, interval_images, interval_seconds = 0.0, 0, 0.0
