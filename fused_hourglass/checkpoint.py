@@ -381,6 +381,39 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     _fsync_directory(directory)
 
 
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files save_checkpoint left in `directory` when its process died mid-write (a SIGKILL, a
+    power cut): `.NAME.PID.XXXXXXXX.tmp` whose PID is no running process here. Another live process's files are
+    kept (it may be writing). Returns the deleted paths."""
+    removed = []
+    root = Path(directory)
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        m = _TEMPORARY.match(p.name)
+        if m is None or not p.is_file() or p.is_symlink() or _process_alive(int(m["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's, or not ours to judge: keep its file
+    return True
+
+
 def step_checkpoints(directory: str | os.PathLike, pattern: str = "step-*.pt",
                      protect: Iterable[str] = ("best.pt", "last.pt")) -> list[Path]:
     """The files in `directory` matching `pattern`, oldest first by the step number in the name (the last run of

@@ -145,12 +145,20 @@ class Hourglass(reference.Hourglass):
         if self.mode == "reference":
             return super().forward(x)
         low3 = self.low3(self.low2(self.low1(self.pool1(x))))
-        if self.mode == "triton" and self.sync is None:
+        if self.mode == "triton" and self.sync is None and not _hooked(self.up1):
             return _triton().fused_residual(self.up1, x, low=low3)
         return ops.upsample_add(low3, self.up1(x))
 
 
 _MODAL = (Conv, Residual, Pool, Hourglass)
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether calling `module` would run a forward hook or pre-hook (its own or a global one)."""
+    from torch.nn.modules import module as hooks
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks)
 
 
 @torch.compiler.assume_constant_result
@@ -295,10 +303,10 @@ class StackedHourglass(reference.StackedHourglass):
         and ReLU, then the prediction and feature-merge convolutions as one convolution of their concatenated
         weights) runs as one `bn_relu_conv_chain` that saves only the head's input. On the triton backend (without
         synchronised BatchNorm), `_triton_forward`."""
-        if self._active == "triton" and self._sync_routed is None:
+        if self._active == "triton" and self._sync_routed is None and not self._heads_hooked():
             return self._triton_forward(x)
         if self._recompute == "none" or self._active != "fused" or self._sync_routed is not None or (
-                not torch.is_grad_enabled()):
+                not torch.is_grad_enabled()) or self._heads_hooked():
             return super().forward(x)
         x = self.pre(x.permute(0, 3, 1, 2) if self.input_format == "NHWC" else x)
         oup_dim = self.outs[0].conv.out_channels
@@ -319,6 +327,14 @@ class StackedHourglass(reference.StackedHourglass):
             if i < self.nstack - 1:
                 x = x + self.merge_preds[i](preds) + y[:, oup_dim:]
         return torch.stack(preds_per_stack, 1)
+
+    def _heads_hooked(self) -> bool:
+        """Whether a forward hook or pre-hook (global, or on a stack head's Conv: the feature Conv, outs,
+        merge_preds, merge_features, or the nn.Conv2d in one) would be skipped by the fused heads, which call the
+        weights rather than those modules; the model's unfused head forward then runs, so those hooks fire. (As
+        everywhere on the fused backends, a BatchNorm or ReLU module inside a Conv or Residual is not called.)"""
+        heads = [*(f[1] for f in self.features), *self.outs, *self.merge_preds, *self.merge_features]
+        return any(_hooked(m) for head in heads for m in (head, head.conv))
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference forward with each stack's head as one `fused_head`: the feature convolution's BatchNorm-ReLU

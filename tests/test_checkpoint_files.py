@@ -18,6 +18,7 @@ from fused_hourglass.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     read_state_dict,
+    remove_stale_temporaries,
     rng_state,
     set_rng_state,
 )
@@ -370,3 +371,22 @@ def test_cuda_rng_round_trip(tmp_path):
     torch.rand(4, device="cuda")
     set_rng_state(torch.load(path, weights_only=True))
     assert torch.equal(torch.rand(4, device="cuda").cpu(), expected)
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    """A writer killed mid-save leaves `.NAME.PID.XXXXXXXX.tmp`; it goes once its process is gone, while a living
+    process's temporary, this process's own and files of other shapes stay."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".step-00000004.pt.{dead.pid}.0badf00d.tmp"
+    mine = tmp_path / f".step-00000006.pt.{os.getpid()}.0123abcd.tmp"
+    alive = tmp_path / ".best.pt.1.89abcdef.tmp"  # pid 1 always runs
+    others = [tmp_path / "step-00000002.pt", tmp_path / ".notes.tmp", tmp_path / f".x.{dead.pid}.nothex!.tmp"]
+    for p in [stale, mine, alive, *others]:
+        p.write_bytes(b"PK\x03\x04 partial")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [mine, alive, *others])
+    assert remove_stale_temporaries(tmp_path / "missing") == []

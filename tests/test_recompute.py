@@ -346,3 +346,27 @@ def test_train_config_recompute():
     assert from_preset("demo", recompute="block").recompute == "block"
     with pytest.raises(ValueError, match="--recompute must be one of none, conv1, block; got 'all'"):
         from_preset("demo", recompute="all")
+
+
+@pytest.mark.parametrize("where", ["outs", "feature conv", "merge_features"])
+def test_hooks_on_a_stack_head_fire_under_a_policy(where):
+    """The recompute heads call the head's weights, not its modules: with a forward hook on one of them the reference
+    forward runs instead, so the hook fires, with the same output and gradients as the fused heads."""
+    torch.manual_seed(0)
+    model = StackedHourglass(2, 16, 4, backend="fused", recompute="conv1").double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    module = {"outs": model.outs[0], "feature conv": model.features[1][1].conv,
+              "merge_features": model.merge_features[0]}[where]
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    out, expected = model(x), twin(x)
+    assert len(seen) == 1
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    handle.remove()
+    assert not model._heads_hooked()

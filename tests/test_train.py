@@ -128,6 +128,18 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert resumed["step"] == 4
 
 
+def test_resume_removes_what_a_killed_write_left(tmp_path, capsys):
+    """A run killed during a checkpoint write leaves a temporary file; the resumed run removes it and says so."""
+    train(tiny(tmp_path, "run", steps=4, val_every=100, checkpoint_every=2), progress=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / "run" / "checkpoints" / f".step-00000004.pt.{dead.pid}.deadbeef.tmp"
+    leftover.write_bytes(b"PK\x03\x04 partial")
+    capsys.readouterr()
+    train(None, resume=str(tmp_path / "run"), overrides={"steps": 4}, progress=False)
+    assert not leftover.exists() and f"removed {leftover}" in capsys.readouterr().out
+
+
 def test_resume_refuses_other_computations_and_foreign_files(tmp_path):
     train(tiny(tmp_path, "run", steps=2, val_every=100, checkpoint_every=2), progress=False)
     with pytest.raises(ValueError, match="--lr .* differs from the checkpoint"):

@@ -25,6 +25,7 @@ from ..checkpoint import (
     CheckpointError,
     load_checkpoint,
     prune_checkpoints,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -211,6 +212,8 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, checkpoint: dict[s
     ckpt_dir = os.path.join(out, "checkpoints")
     if main:
         os.makedirs(ckpt_dir, exist_ok=True)
+        for stale in remove_stale_temporaries(ckpt_dir):
+            _say(f"removed {stale}: a checkpoint write that never finished (its process died)")
 
     import random
 

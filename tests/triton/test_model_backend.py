@@ -111,3 +111,49 @@ def test_triton_model_heads_match_reference(monkeypatch):
     ref.eval()
     with torch.no_grad():
         close(model(x_f), ref(x), 1e-3, "eval output")
+
+
+def test_triton_heads_give_way_to_hooks(monkeypatch):
+    """With a forward hook on a stack head's module, the triton backend runs that model's reference forward (the
+    fused head calls the weights, so the hook would never fire); without one, each head is one fused_head."""
+    import fused_hourglass.triton as fh_triton
+
+    heads = []
+    real = fh_triton.fused_head
+    monkeypatch.setattr(fh_triton, "fused_head", lambda *a, **k: heads.append(len(a)) or real(*a, **k))
+    torch.manual_seed(0)
+    model = fh_model.StackedHourglass(2, 6, 3, backend="triton").to(DEVICE).eval()
+    model._active = "triton"
+    _set_mode(model, "reference")  # the blocks on the reference modules: only the heads' routing is under test
+    x = torch.randn(1, 3, 64, 64, device=DEVICE)
+    seen = []
+    handle = model.outs[1].register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    with torch.no_grad():
+        hooked = model._fused_forward(x)
+    assert heads == [] and seen == [(1, 3, 16, 16)]
+    handle.remove()
+    with torch.no_grad():
+        fused = model._fused_forward(x)
+    assert heads == [6, 3] and len(seen) == 1
+    torch.testing.assert_close(fused, hooked, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_hourglass_merge_gives_way_to_a_hook_on_up1():
+    """A hook on up1 sees up1's own output (the merge is not folded into its last convolution then), and the
+    hourglass's output is unchanged."""
+    torch.manual_seed(0)
+    hg = fh_model.Hourglass(1, 6).to(DEVICE)
+    ref = reference.Hourglass(1, 6).to(DEVICE)
+    ref.load_state_dict(hg.state_dict())
+    _set_mode(hg, "triton")
+    hg.eval()
+    ref.eval()
+    x = torch.randn(1, 6, 4, 4, device=DEVICE)
+    seen, expected_up1 = [], []
+    hg.up1.register_forward_hook(lambda m, args, out: seen.append(out))
+    ref.up1.register_forward_hook(lambda m, args, out: expected_up1.append(out))
+    with torch.no_grad():
+        out, expected = hg(x), ref(x)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], expected_up1[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
