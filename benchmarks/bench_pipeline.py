@@ -14,7 +14,7 @@ from fused_hourglass import HeatmapLoss, StackedHourglass, pose
 from fused_hourglass.data import SyntheticPoses
 from fused_hourglass.engine.config import from_preset
 
-DEMO = from_preset("demo")
+DEMO = from_preset("demo", device="cpu")  # its CPU precision, whether or not CUDA is here
 _rates: dict[str, float] = {}
 
 
