@@ -138,14 +138,25 @@ def clear_cache(model: nn.Module) -> None:
     model.__dict__.pop("_fold_cache", None)
 
 
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as hooks
+
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+
+def _own_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def module_hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run a forward hook or pre-hook (its own or a global one)."""
+    return _global_hooks() or _own_hooks(module)
+
+
 def _hooked(model: nn.Module) -> bool:
     """Whether a forward hook or pre-hook is registered on a submodule of `model` or globally: the folded path calls
     no submodule, so it would never fire."""
-    from torch.nn.modules import module as hooks
-
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model)
+    return _global_hooks() or any(_own_hooks(m) for m in model.modules() if m is not model)
 
 
 def applies(model: nn.Module, backend: str) -> bool:

@@ -145,20 +145,12 @@ class Hourglass(reference.Hourglass):
         if self.mode == "reference":
             return super().forward(x)
         low3 = self.low3(self.low2(self.low1(self.pool1(x))))
-        if self.mode == "triton" and self.sync is None and not _hooked(self.up1):
+        if self.mode == "triton" and self.sync is None and not folding.module_hooked(self.up1):
             return _triton().fused_residual(self.up1, x, low=low3)
         return ops.upsample_add(low3, self.up1(x))
 
 
 _MODAL = (Conv, Residual, Pool, Hourglass)
-
-
-def _hooked(module: torch.nn.Module) -> bool:
-    """Whether calling `module` would run a forward hook or pre-hook (its own or a global one)."""
-    from torch.nn.modules import module as hooks
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
-                or hooks._global_forward_pre_hooks)
 
 
 @torch.compiler.assume_constant_result
@@ -334,7 +326,7 @@ class StackedHourglass(reference.StackedHourglass):
         weights rather than those modules; the model's unfused head forward then runs, so those hooks fire. (As
         everywhere on the fused backends, a BatchNorm or ReLU module inside a Conv or Residual is not called.)"""
         heads = [*(f[1] for f in self.features), *self.outs, *self.merge_preds, *self.merge_features]
-        return any(_hooked(m) for head in heads for m in (head, head.conv))
+        return any(folding.module_hooked(m) for head in heads for m in (head, head.conv))
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference forward with each stack's head as one `fused_head`: the feature convolution's BatchNorm-ReLU
