@@ -386,8 +386,8 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     """Delete the temporary files save_checkpoint left in `directory` when its process died mid-write (a SIGKILL, a
-    power cut): `.<file name>.<pid>.<8 hex digits>.tmp` whose pid is no running process here. Another live process's files are
-    kept (it may be writing). Returns the deleted paths."""
+    power cut): `.<file name>.<pid>.<8 hex digits>.tmp` whose pid is no running process here. Another live
+    process's files are kept (it may be writing). Returns the deleted paths."""
     removed = []
     root = Path(directory)
     if not root.is_dir():

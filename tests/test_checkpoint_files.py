@@ -374,8 +374,8 @@ def test_cuda_rng_round_trip(tmp_path):
 
 
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
-    """A writer killed mid-save leaves `.<file name>.<pid>.<8 hex digits>.tmp`; it goes once its process is gone, while a living
-    process's temporary, this process's own and files of other shapes stay."""
+    """A writer killed mid-save leaves `.<file name>.<pid>.<8 hex digits>.tmp`; it goes once its process is gone,
+    while a living process's temporary, this process's own and files of other shapes stay."""
     import subprocess
     import sys
 
