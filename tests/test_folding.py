@@ -128,6 +128,48 @@ def test_cache_serves_the_second_forward_bit_identically():
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nhwc"])
+def test_folded_forward_leaves_its_input_and_the_model_unchanged(layout, monkeypatch):
+    # every addition as a post-op that writes into its skip tensor: none of them may be the caller's
+    monkeypatch.setattr(folding, "POST_OP_MIN_POSITIONS", 0)
+    model = _model(input_format="NHWC" if layout == "nhwc" else "NCHW")
+    x = _images()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "nhwc":
+        x = x.permute(0, 2, 3, 1).contiguous()
+    x_before, state = x.clone(), {k: v.clone() for k, v in model.state_dict().items()}
+    first, _ = _folded(model, x)
+    second, _ = _folded(model, x)
+    assert torch.equal(x, x_before)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(first, second)
+    _assert_fp32_tolerance(first, _unfolded(model, x), _float64(model, x))
+
+
+def test_each_precision_rechecks_the_cache_after_a_change():
+    """One check of the whole model stands for every layer's key only within the kind of run (dtype, layout) that
+    made it: a change seen by a float32 forward must still refold the bfloat16 weights."""
+    model, x = _model(), _images()
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    _folded(model, x)
+    with bf16:
+        _folded(model, x)
+    conv = model.pre[0].conv
+    with torch.no_grad():
+        conv.weight.mul_(1.5)
+    _, folds32 = _folded(model, x)
+    with bf16:
+        out16, folds16 = _folded(model, x)
+        want16 = _unfolded(model, x)
+    assert folds32 == folds16 == 1  # the stem alone, once in each precision
+    err = float((out16.float() - want16.float()).abs().max())
+    assert err <= 0.05 * float(want16.float().abs().max()), err
+    _, again = _folded(model, x)
+    assert again == 0
+
+
 def _train_forward(model, x):
     model.train()
     model(x)  # running statistics updated in place
@@ -277,18 +319,20 @@ def test_missing_running_statistics_is_a_clear_error():
                     reason="torch.ops.mkldnn._convolution_pointwise is not available in this torch")
 def test_relu_and_additions_run_as_onednn_post_ops(monkeypatch):
     calls = {"relu": 0, "none": 0, "add": 0}
-    pointwise = folding._POINTWISE
+    pointwise, inplace = folding._POINTWISE, folding._POINTWISE_INPLACE
 
     class Counting:
         def default(self, *args):
             calls[args[7]] += 1
             return pointwise.default(*args)
 
+    class CountingInplace:  # the additions write into the skip tensor, an intermediate dead afterwards
         def binary(self, *args):
             calls[args[8]] += 1
-            return pointwise.binary(*args)
+            return inplace.binary(*args)
 
     monkeypatch.setattr(folding, "_POINTWISE", Counting())
+    monkeypatch.setattr(folding, "_POINTWISE_INPLACE", CountingInplace())
     model, x = _model(), _images()
     out, _ = _folded(model, x)
     # by default only planes of at least POST_OP_MIN_POSITIONS positions take the post-op convolutions (the stem's
