@@ -50,6 +50,14 @@ def _bn_relu_conv(bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d, u: torch.Tens
                               conv.weight, conv.bias, conv.padding[0])
 
 
+def _add_into(out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """out + residual, written into `out` (a fresh convolution output that nothing has saved) when that gives the same
+    tensor as the out-of-place sum: one allocation fewer per block."""
+    if out.dtype == residual.dtype and out.shape == residual.shape and out.device == residual.device:
+        return out.add_(residual)
+    return out + residual
+
+
 def _conv_step(bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d) -> ConvStep:
     """The step's arguments for one forward (counting the batch in bn.num_batches_tracked, as `_bn_relu_conv`)."""
     running_mean, running_var, training, momentum = module_statistics_arguments(bn)
@@ -100,12 +108,12 @@ class Residual(reference.Residual):
             steps = [_conv_step(self.bn1, self.conv1.conv), _conv_step(self.bn2, self.conv2.conv),
                      _conv_step(self.bn3, self.conv3.conv)]
             if self.recompute == "block":
-                return bn_relu_conv_chain(x, steps) + residual
-            return ops.bn_relu_conv2d(bn_relu_conv_chain(x, steps[:2]), *steps[2]) + residual
+                return _add_into(bn_relu_conv_chain(x, steps), residual)
+            return _add_into(ops.bn_relu_conv2d(bn_relu_conv_chain(x, steps[:2]), *steps[2]), residual)
         out = _bn_relu_conv(self.bn1, self.conv1.conv, x)
         out = _bn_relu_conv(self.bn2, self.conv2.conv, out)
         out = _bn_relu_conv(self.bn3, self.conv3.conv, out)
-        return out + residual
+        return _add_into(out, residual)
 
     def _synced(self, x: torch.Tensor) -> torch.Tensor:
         """The three BN-ReLU-conv steps with the process group's BatchNorm statistics: the compiled statistics and
