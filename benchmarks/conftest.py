@@ -26,11 +26,7 @@ keeps glibc's defaults. The terminal summary says which applied.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -38,7 +34,7 @@ import pytest
 import torch
 
 from fused_hourglass import _ext
-from fused_hourglass.benchmarking import last_level_cache_bytes
+from fused_hourglass.benchmarking import keep_freed_memory_in_heap, last_level_cache_bytes
 
 YARDSTICKS = ("clone", "copy")
 # (group, row, min seconds, is the yardstick, median ratio to the paired yardstick or None)
@@ -46,33 +42,14 @@ _results: list[tuple[str, str, float, bool, float | None]] = []
 _evict_buffer: torch.Tensor | None = None
 
 
-_allocator: str | None = None  # what _keep_freed_memory_in_heap did, once it has run
-
-
-def _keep_freed_memory_in_heap() -> str:
-    """Set glibc's mmap and trim thresholds (see the module docstring); returns what was done."""
-    if os.environ.get("FH_BENCH_GLIBC_DEFAULTS") == "1":
-        return "glibc malloc defaults (FH_BENCH_GLIBC_DEFAULTS=1)"
-    if not sys.platform.startswith("linux"):
-        return "the platform allocator's defaults"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return "malloc defaults (libc not found)"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    for mmap_threshold in (1 << 30, 32 << 20):  # older glibc caps the mmap threshold at 32 MiB
-        if libc.mallopt(m_mmap_threshold, mmap_threshold) == 1:
-            if libc.mallopt(m_trim_threshold, 1 << 30) == 1:
-                return f"glibc malloc: mmap threshold {mmap_threshold >> 20} MiB, trim threshold 1024 MiB"
-            break
-    return "malloc defaults (mallopt failed)"
+_allocator: str | None = None  # what keep_freed_memory_in_heap did, once it has run
 
 
 @pytest.fixture(autouse=True)
 def _allocator_for_timing(request):
     global _allocator
     if _allocator is None and "benchmark" in request.fixturenames and not request.getfixturevalue("benchmark").disabled:
-        _allocator = _keep_freed_memory_in_heap()
+        _allocator = keep_freed_memory_in_heap()
 
 
 def evict_caches() -> None:

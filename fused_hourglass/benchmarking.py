@@ -7,8 +7,11 @@ memory-bound op. Ratios to the copy are what to read: absolute times depend on t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +81,29 @@ def last_level_cache_bytes(cache_dir: str = SYSFS_CPU0_CACHE) -> int:
     except (ValueError, OSError, AttributeError):
         size = -1
     return size if size > 0 else 32 << 20
+
+
+def keep_freed_memory_in_heap() -> str:
+    """Keep freed memory in glibc's heap for the rest of the process (mallopt: mmap and trim thresholds of 1 GiB),
+    and return what was done, for the benchmark's header. With glibc's defaults, freed multi-megabyte activations
+    go back to the kernel and are faulted in again by the next step, in some rounds and some processes and not
+    others (a fused eval forward measured 22 ms in one process and 29 ms in the next); timed runs set this once so
+    that every row runs alike. FH_BENCH_GLIBC_DEFAULTS=1 keeps the defaults."""
+    if os.environ.get("FH_BENCH_GLIBC_DEFAULTS") == "1":
+        return "glibc malloc defaults (FH_BENCH_GLIBC_DEFAULTS=1)"
+    if not sys.platform.startswith("linux"):
+        return "the platform allocator's defaults"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return "malloc defaults (libc not found)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    for mmap_threshold in (1 << 30, 32 << 20):  # older glibc caps the mmap threshold at 32 MiB
+        if libc.mallopt(m_mmap_threshold, mmap_threshold) == 1:
+            if libc.mallopt(m_trim_threshold, 1 << 30) == 1:
+                return f"glibc malloc: mmap threshold {mmap_threshold >> 20} MiB, trim threshold 1024 MiB"
+            break
+    return "malloc defaults (mallopt failed)"
 
 
 def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -115,8 +115,9 @@ def bench(args: argparse.Namespace) -> int:
 
     sides = tuple(int(s) for s in args.sides.split(","))
     cases = benchmarking.upsample_add_cases(n=args.batch, c=args.channels, sides=sides)
+    allocator = benchmarking.keep_freed_memory_in_heap()
     print(f"CPU threads: {torch.get_num_threads()}; fastest of repeated calls; ratios are to a copy of the "
-          "same output bytes")
+          f"same output bytes; {allocator}")
     benchmarking.run_cases(cases, min_seconds=args.seconds)
     return 0
 
@@ -130,8 +131,11 @@ def _bench_model(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.side % 64:
         raise ValueError(f"--side must be a multiple of 64 (the network's input side), got {args.side}")
+    from .benchmarking import keep_freed_memory_in_heap
+
+    allocator = keep_freed_memory_in_heap()
     header = (f"StackedHourglass({args.nstack}, {args.inp_dim}, 16), {args.side} px, batch {args.batch}, "
-              f"{torch.get_num_threads()} threads, medians of {args.rounds} interleaved rounds")
+              f"{torch.get_num_threads()} threads, medians of {args.rounds} interleaved rounds; {allocator}")
     print(header)
     rows = model_bench.run(args.nstack, args.inp_dim, args.side, args.batch, args.rounds,
                            compile=not args.no_compile)
