@@ -170,13 +170,36 @@ def plot(rows: list[Row], path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return f"skipped {path}: matplotlib is not installed (pip install '.[plot]')"
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=110)
+    # rows at one point (the fused model with either input layout) share a label
+    points: list[tuple[float, float, list[str]]] = []
     for row in rows:
         if row.saved_mib is None:
             continue
         t = 1e3 * statistics.median(row.times["train"])
-        ax.scatter([t], [row.saved_mib])
-        ax.annotate(row.name, (t, row.saved_mib), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        for pt in points:
+            if abs(pt[0] - t) <= 0.02 * t and abs(pt[1] - row.saved_mib) < 0.05:
+                pt[2].append(row.name)
+                break
+        else:
+            points.append((t, row.saved_mib, [row.name]))
+    placed: list[tuple[float, float]] = []
+    x_span = max(p[0] for p in points) - min(p[0] for p in points) or 1.0
+    y_span = max(p[1] for p in points) - min(p[1] for p in points) or 1.0
+    for t, mib, names in sorted(points, key=lambda p: (-p[1], p[0])):
+        ax.scatter([t], [mib])
+        # a label that would sit on an earlier one (close in both axes) goes below its point instead
+        crowded = any(abs(t - u) < 0.3 * x_span and abs(mib - v) < 0.08 * y_span for u, v in placed)
+        ax.annotate(" / ".join(names), (t, mib), fontsize=7, xytext=(4, -10 if crowded else 3),
+                    textcoords="offset points")
+        placed.append((t, mib))
+    for row in rows:  # compiled rows save what Inductor decides: their step time as a line
+        if row.compile and row.times["train"]:
+            t = 1e3 * statistics.median(row.times["train"])
+            ax.axvline(t, color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(row.name.replace(", CL", ""), (t, 0.55), xycoords=("data", "axes fraction"), fontsize=6,
+                        rotation=90, va="bottom", ha="right", color="dimgrey", xytext=(-2, 0),
+                        textcoords="offset points")
     ax.set_xlabel("training step, ms (median)")
     ax.set_ylabel("saved activations, MiB per image")
     ax.set_title("memory against time", fontsize=10)

@@ -14,6 +14,7 @@ import time
 import torch
 
 from fused_hourglass import StackedHourglass, folding
+from fused_hourglass.benchmarking import keep_freed_memory_in_heap
 
 
 def main() -> None:
@@ -27,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory_in_heap()
     torch.manual_seed(0)
     config = tuple(int(v) for v in args.config.split(","))
     fused = StackedHourglass(*config, backend="fused").eval()
@@ -72,7 +74,7 @@ def main() -> None:
                 wall[name].append((time.perf_counter() - t0) * 1e3)
                 cpu[name].append((time.process_time() - c0) * 1e3)
     print(f"StackedHourglass{config}, {args.side} px, batch {args.batch}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds; {allocator}")
     base = statistics.median(cpu["reference eager"])
     for name in rows:
         c, w = cpu[name], wall[name]
