@@ -382,12 +382,14 @@ def _plans(model):
 
 @pytest.mark.parametrize("post_ops_from", [None, 0])
 def test_recorded_forward_replays_bit_identically_and_never_stale(post_ops_from, monkeypatch):
-    """The first forward folds, the second (every layer found folded) records its ops, later ones replay them: the
-    same output bit for bit, until a change to the model, after which the layers refold and a new plan is made."""
+    """The first forward folds, the second finds every layer folded, the third records its ops and later ones
+    replay them: the same output bit for bit, until a change to the model, after which the layers refold and a new
+    plan is made."""
     if post_ops_from is not None:
         monkeypatch.setattr(folding, "POST_OP_MIN_POSITIONS", post_ops_from)
     model, x = _model(), _images()
     first, _ = _folded(model, x)
+    unrecorded, _ = _folded(model, x)
     assert _plans(model) == {}
     second, _ = _folded(model, x)
     (plan,) = _plans(model).values()
@@ -401,12 +403,13 @@ def test_recorded_forward_replays_bit_identically_and_never_stale(post_ops_from,
     monkeypatch.setattr(folding._Plan, "replay", spy)
     third, folds = _folded(model, x)
     assert replayed == [plan] and folds == 0
-    assert torch.equal(first, second) and torch.equal(second, third)
+    assert torch.equal(first, unrecorded) and torch.equal(first, second) and torch.equal(second, third)
     with torch.no_grad():
         model.hgs[0][0].low1.bn2.running_var.mul_(2.0)
     changed, folds = _folded(model, x)
     assert replayed == [plan] and folds == 1  # not replayed: the layer refolds
     _assert_fp32_tolerance(changed, _unfolded(model, x), _float64(model, x))
+    _folded(model, x)
     again, _ = _folded(model, x)  # records anew under the new key, dropping the stale plan
     (new_plan,) = _plans(model).values()
     assert new_plan is not plan and torch.equal(again, changed)
@@ -416,7 +419,7 @@ def test_recorded_forward_replays_bit_identically_and_never_stale(post_ops_from,
 def test_a_plan_per_input_shape():
     model = _model()
     small, large = _images(1), _images(3)
-    for _ in range(2):
+    for _ in range(3):
         _folded(model, small)
         _folded(model, large)
     assert len(_plans(model)) == 2

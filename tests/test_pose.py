@@ -473,6 +473,9 @@ def test_crop_identity_batch_and_dtypes():
         crop(images[0], center, scale, 32)
     with pytest.raises(ValueError, match="center"):
         crop(images, center[:2], scale, 32)
+    for empty in (images[:, :, :0], images[:, :, :, :0]):  # no pixels to sample: named, not a ZeroDivisionError
+        with pytest.raises(ValueError, match=r"images: expected images of at least 1×1 pixels.*got height"):
+            crop(empty, center, scale, 32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

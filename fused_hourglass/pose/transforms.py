@@ -119,6 +119,9 @@ def crop(images: torch.Tensor, center, scale, res: int | tuple[int, int], rot=0,
     if not (images.is_floating_point() or images.dtype == torch.uint8):
         raise TypeError(f"images: expected a floating-point or uint8 tensor, got dtype {images.dtype}")
     b, _, src_h, src_w = images.shape
+    if src_h < 1 or src_w < 1:
+        raise ValueError(f"images: expected images of at least 1×1 pixels to crop from, got height {src_h} and "
+                         f"width {src_w}")
     h, w = _res_hw(res)
     center = torch.as_tensor(center, device=images.device).to(torch.float64)
     if center.shape not in ((b, 2), (2,)):
