@@ -87,6 +87,7 @@ def test_model_side_by_side(benchmark):
     benchmark.group = "model side by side (interleaved rounds)"
     if benchmark.disabled:
         rows = benchmark(lambda: model_bench.run(1, 16, 64, 2, rounds=1, compile=False, say=lambda s: None))
+        assert all(f"| {r.name} |" in model_bench.table(rows, "") for r in rows)
     else:
         rows = benchmark.pedantic(lambda: model_bench.run(CONFIG["nstack"], CONFIG["inp_dim"], SIDE, 4, rounds=7,
                                                           say=print), rounds=1, iterations=1)

@@ -160,9 +160,31 @@ def table(rows: list[Row], header: str) -> str:
         first = statistics.median(row.times["first_eval"]) if row.times["first_eval"] else float("nan")
         saved = f"{row.saved_mib:.1f}" if row.saved_mib is not None else "–"
         comp = f"{row.compile_s.get('train', 0):.0f} + {row.compile_s.get('eval', 0):.0f}" if row.compile else "–"
-        lines.append(f"| {row.name} | {1e3 * t:.0f} ms | {base['train'] / t:.2f}× | {1e3 * e:.0f} ms | "
-                     f"{base['eval'] / e:.2f}× | {1e3 * first:.0f} ms | {saved} | {comp} |")
+        lines.append(f"| {row.name} | {_ms(t)} ms | {base['train'] / t:.2f}× | {_ms(e)} ms | "
+                     f"{base['eval'] / e:.2f}× | {_ms(first)} ms | {saved} | {comp} |")
+    lines += _against_compiled(rows)
     return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f}" if seconds < 0.1 else f"{1e3 * seconds:.0f}"
+
+
+def _against_compiled(rows: list[Row]) -> list[str]:
+    """The fused model (channels_last input) against torch.compile(reference) in the same precision: the
+    compiled time over the fused time, per mode (above 1: the fused model is faster)."""
+    by_name = {row.name: row for row in rows}
+    pairs = [("fp32", "fused, channels_last", "compile(reference), CL"),
+             ("bf16 autocast", "fused, bf16 autocast, CL", "compile(reference), bf16 autocast, CL")]
+    out = []
+    for precision, fused, compiled in pairs:
+        if fused in by_name and compiled in by_name:
+            f, c = by_name[fused].times, by_name[compiled].times
+            ratios = ", ".join(f"{label} {statistics.median(c[mode]) / statistics.median(f[mode]):.2f}×"
+                               for mode, label in (("train", "training step"), ("eval", "eval"),
+                                                   ("first_eval", "first eval after a step")))
+            out.append(f"fused against torch.compile(reference), {precision}: {ratios} (its time over the fused)")
+    return [""] + out if out else []
 
 
 def plot(rows: list[Row], path: str) -> str:
