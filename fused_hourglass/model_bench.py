@@ -204,21 +204,41 @@ def plot(rows: list[Row], path: str) -> str:
             continue
         t = 1e3 * statistics.median(row.times["train"])
         for pt in points:
-            if abs(pt[0] - t) <= 0.02 * t and abs(pt[1] - row.saved_mib) < 0.05:
+            if abs(pt[0] - t) <= 0.03 * t and abs(pt[1] - row.saved_mib) < 0.05:
                 pt[2].append(row.name)
                 break
         else:
             points.append((t, row.saved_mib, [row.name]))
-    placed: list[tuple[float, float]] = []
-    x_span = max(p[0] for p in points) - min(p[0] for p in points) or 1.0
-    y_span = max(p[1] for p in points) - min(p[1] for p in points) or 1.0
+    x_span = (max(p[0] for p in points) - min(p[0] for p in points) if points else 0.0) or 1.0
+    y_span = (max(p[1] for p in points) - min(p[1] for p in points) if points else 0.0) or 1.0
+    char = 0.0105 * x_span  # a 7-point character's width in data units, about, at this figure size
+
+    def covers(x0: float, x1: float, y: float) -> bool:
+        """Whether a point, or a label already placed, lies in the box of a label from x0 to x1 at height y."""
+        near = [(u, u) for u, _, _ in points] + boxes
+        ys = [v for _, v, _ in points] + box_ys
+        return any(a <= x1 and b >= x0 and abs(v - y) < 0.07 * y_span for (a, b), v in zip(near, ys, strict=True))
+
+    boxes: list[tuple[float, float]] = []
+    box_ys: list[float] = []
     for t, mib, names in sorted(points, key=lambda p: (-p[1], p[0])):
         ax.scatter([t], [mib])
-        # a label that would sit on an earlier one (close in both axes) goes below its point instead
-        crowded = any(abs(t - u) < 0.3 * x_span and abs(mib - v) < 0.08 * y_span for u, v in placed)
-        ax.annotate(" / ".join(names), (t, mib), fontsize=7, xytext=(4, -10 if crowded else 3),
-                    textcoords="offset points")
-        placed.append((t, mib))
+        label = " / ".join(names)
+        width = char * (len(label) + 1)
+        # right of the point unless that box holds another point or label, then right and below, then left
+        low = mib - 0.05 * y_span
+        x_min = min(p[0] for p in points)
+        if not covers(t + 0.5 * char, t + width, mib):
+            box, y, offset, ha = (t, t + width), mib, (4, 3), "left"
+        elif not covers(t + 0.5 * char, t + width, low):
+            box, y, offset, ha = (t, t + width), low, (4, -10), "left"
+        elif t - width >= x_min - 0.05 * x_span and not covers(t - width, t - 0.5 * char, mib):
+            box, y, offset, ha = (t - width, t), mib, (-4, 3), "right"
+        else:
+            box, y, offset, ha = (t, t + width), low, (4, -10), "left"
+        ax.annotate(label, (t, mib), fontsize=7, xytext=offset, textcoords="offset points", ha=ha)
+        boxes.append(box)
+        box_ys.append(y)
     for row in rows:  # compiled rows save what Inductor decides: their step time as a line
         if row.compile and row.times["train"]:
             t = 1e3 * statistics.median(row.times["train"])
