@@ -425,3 +425,24 @@ def test_a_plan_per_input_shape():
     assert len(_plans(model)) == 2
     for x in (small, large, small):
         _assert_fp32_tolerance(_folded(model, x)[0], _unfolded(model, x), _float64(model, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_plane_1x1_convolutions_run_as_matrix_products(dtype, monkeypatch):
+    calls = []
+    matmul = folding._conv1x1_as_matmul
+
+    def counting(x, w_t, b):
+        calls.append(tuple(x.shape))
+        return matmul(x, w_t, b)
+
+    monkeypatch.setattr(folding, "_conv1x1_as_matmul", counting)
+    model = _model().to(dtype)
+    x = _images(dtype=dtype)
+    out, _ = _folded(model, x)
+    # every plane of this 64 px model is below POST_OP_MIN_POSITIONS once past the stem
+    assert calls and all(n * h * w < folding.POST_OP_MIN_POSITIONS for n, _, h, w in calls)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, _unfolded(model, x), atol=1e-12, rtol=1e-12)
+    else:
+        _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
