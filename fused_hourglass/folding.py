@@ -20,9 +20,9 @@ layer at the next folded forward. Writes through `.data` bypass the version coun
 them. A training-mode forward drops the cache. Each forward first takes one key of the whole model (every parameter's
 and buffer's data_ptr and version, each module's eps); when it equals the key at the start of the last forward of the
 same dtype and memory format, that forward checked every layer since, and the layers' own keys are not built again.
-The folded weights are kept in the activations' memory format. The second such forward of an input shape (one that finds
-every layer folded) records its ops (functions, constant arguments, which earlier output each tensor argument is),
-and the next forwards under the same model key replay them: the same ops in the same order, each intermediate
+The folded weights are kept in the activations' memory format. The second forward of an input shape that finds every
+layer folded records its ops (functions, constant arguments, which earlier output each tensor argument is), and the
+next forwards under the same model key replay them: the same ops in the same order, each intermediate
 dropped after its last use, with no module walk or cache lookup per layer (about 1 ms of Python less per forward).
 
 `StackedHourglass` takes this path on the fused backend in eval mode when no gradient is recorded (`torch.no_grad()`,
@@ -196,10 +196,15 @@ def _hooked(model: nn.Module) -> bool:
     return False
 
 
+_LAYER_ATTRIBUTES = ("eps", "padding", "stride", "dilation", "groups", "need_skip")
+
+
 def _state_key(model: nn.Module) -> list:
-    """(data_ptr, version) of every parameter and buffer of `model`, and each module's `eps`, in module order: equal
-    between two forwards exactly when no folded source was replaced or changed in place (the cache holds the
-    storages, so an address is not reused), so one comparison stands for every layer's key."""
+    """Every submodule of `model` (the object itself, and the attributes the folded path reads: a BatchNorm's eps, a
+    convolution's padding, stride, dilation and groups, a Residual's need_skip) and (data_ptr, version) of every
+    parameter and buffer, in module order: equal between two forwards exactly when no folded source was replaced or
+    changed in place (the cache holds the storages, so an address is not reused) and no module was replaced, added
+    or removed, so one comparison stands for every layer's key and for a recorded forward."""
     key: list = []
     stack = [model]
     while stack:
@@ -210,7 +215,9 @@ def _state_key(model: nn.Module) -> list:
         for t in m._buffers.values():
             if t is not None:
                 key += (t.data_ptr(), t._version)
-        key.append(m.__dict__.get("eps"))
+        d = m.__dict__
+        key.append(m)
+        key += [d.get(name) for name in _LAYER_ATTRIBUTES]
         stack.extend(c for c in m._modules.values() if c is not None)
     return key
 
@@ -423,6 +430,8 @@ def forward(model: reference.StackedHourglass, imgs: torch.Tensor) -> torch.Tens
         tape = _Tape(x) if trusted and cache.seen.get(plan_key) == key else None
         if trusted:
             cache.seen[plan_key] = key
+        elif cache.plans:  # the model changed: plans recorded before can never replay
+            cache.plans = {k: p for k, p in cache.plans.items() if p.model_key == key}
         run = _Run(cache, x, trusted=trusted, tape=tape)
         stem, block1, _, block2, block3 = model.pre
         # each intermediate is held in a one-element list that the next block empties, so that it is freed at its

@@ -446,3 +446,23 @@ def test_small_plane_1x1_convolutions_run_as_matrix_products(dtype, monkeypatch)
         torch.testing.assert_close(out, _unfolded(model, x), atol=1e-12, rtol=1e-12)
     else:
         _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
+
+
+def test_no_stale_replay_after_a_module_is_replaced_or_an_attribute_changes():
+    """A change that touches no tensor (a ReLU module set on a head that had none, a BatchNorm's eps) still makes
+    the next forward fold and trace anew rather than replay the recorded ops."""
+    model, x = _model(), _images()
+    for _ in range(4):  # fold, check, record, replay
+        _folded(model, x)
+    assert _plans(model)
+    model.outs[0].relu = nn.ReLU()  # the first stack's predictions now go through a ReLU
+    relu_out, _ = _folded(model, x)
+    assert float(relu_out[:, 0].min()) >= 0 and float(_unfolded(model, x)[:, 0].min()) >= 0
+    _assert_fp32_tolerance(relu_out, _unfolded(model, x), _float64(model, x))
+    for _ in range(3):
+        _folded(model, x)
+    model.hgs[0][0].up1.bn2.eps = 0.5
+    changed, folds = _folded(model, x)
+    assert folds == 1
+    _assert_fp32_tolerance(changed, _unfolded(model, x), _float64(model, x))
+    assert not torch.equal(changed, relu_out)
