@@ -87,22 +87,48 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return s, t
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _batched_affines(model: nn.Module) -> dict:
+    """`_bn_affine` of every BatchNorm of `model` with running statistics, computed together (a handful of ops on
+    the concatenated statistics instead of a handful per BatchNorm: what a refold after a training step spends most
+    of its time on); {} where they do not share a device."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None]
+    if not bns or len({bn.running_var.device for bn in bns}) > 1:
+        return {}
+    sizes = [bn.running_var.numel() for bn in bns]
+    device = bns[0].running_var.device
+
+    def cat(tensors):
+        return torch.cat(tensors).double()  # (type promotion where the dtypes differ)
+
+    with torch.inference_mode(False), torch.no_grad():
+        var = cat([bn.running_var for bn in bns])
+        eps = torch.tensor([bn.eps for bn in bns], dtype=torch.float64).repeat_interleave(torch.tensor(sizes))
+        s = torch.rsqrt(var + eps.to(device))
+        s = s * cat([bn.weight if bn.weight is not None else torch.ones_like(bn.running_var) for bn in bns])
+        t = cat([bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var) for bn in bns]) - cat(
+            [bn.running_mean for bn in bns]) * s
+    return dict(zip(bns, zip(s.split(sizes), t.split(sizes), strict=True), strict=True))
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype,
+                 affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') of `bn(conv(x))` as one convolution, in `dtype` (W' in conv.weight's memory format); with bn None,
-    conv's own weight and bias (zeros when it has none) in `dtype`."""
+    conv's own weight and bias (zeros when it has none) in `dtype`. `affine`: bn's (s, t) when already computed."""
     w = conv.weight.detach()
     b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     if bn is None:
         return w.to(dtype), b.to(dtype)
-    s, t = _bn_affine(bn)
+    s, t = _bn_affine(bn) if affine is None else affine
     folded = (w.double() * s[:, None, None, None]).to(dtype)
     return folded.contiguous(memory_format=_ext.memory_format_of(w)), (b.double() * s + t).to(dtype)
 
 
-def bn_scale_shift(bn: nn.BatchNorm2d, u_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_scale_shift(bn: nn.BatchNorm2d, u_dtype: torch.dtype,
+                   affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode (scale, shift) of `bn` for `bn_relu_apply` on u of `u_dtype` (float64 for float64 u, else
-    float32: the statistics dtype)."""
-    s, t = _bn_affine(bn)
+    float32: the statistics dtype). `affine`: bn's (s, t) when already computed."""
+    s, t = _bn_affine(bn) if affine is None else affine
     stats = torch.float64 if u_dtype == torch.float64 else torch.float32
     return s.to(stats), t.to(stats)
 
@@ -329,8 +355,11 @@ class _Plan:
 class _Run:
     """One folded forward: the cache, the compute dtype and whether oneDNN's post-ops serve it."""
 
-    def __init__(self, cache: FoldCache, x: torch.Tensor, trusted: bool, tape: _Tape | None = None) -> None:
+    def __init__(self, cache: FoldCache, x: torch.Tensor, trusted: bool, tape: _Tape | None = None,
+                 model: nn.Module | None = None) -> None:
         self.cache = cache
+        self.model = model
+        self.affines: dict | None = None  # every BatchNorm's (s, t), computed at the first layer this run refolds
         self.dtype = x.dtype
         self.format = _ext.memory_format_of(x)
         self.pointwise = pointwise_conv_available(x)
@@ -368,8 +397,15 @@ class _Run:
             y = op(torch.Tensor.add_, y, add)
         return y
 
+    def _affine(self, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if bn is None:
+            return None
+        if self.affines is None:
+            self.affines = {} if self.model is None else _batched_affines(self.model)
+        return self.affines.get(bn)
+
     def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
-        w, b = fold_conv_bn(conv, bn, self.dtype)
+        w, b = fold_conv_bn(conv, bn, self.dtype, self._affine(bn))
         return w.contiguous(memory_format=self.format), b
 
     def conv_module(self, c: reference.Conv, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -377,8 +413,8 @@ class _Run:
 
     def bn_relu(self, bn: nn.BatchNorm2d, u: torch.Tensor) -> torch.Tensor:
         sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        scale, shift = self.cache.get(bn, u.dtype, sources, lambda: bn_scale_shift(bn, u.dtype), extra=(bn.eps,),
-                                      trusted=self.trusted)
+        scale, shift = self.cache.get(bn, u.dtype, sources, lambda: bn_scale_shift(bn, u.dtype, self._affine(bn)),
+                                      extra=(bn.eps,), trusted=self.trusted)
         if u.numel() and _ext.has_kernel("bn_relu_apply", u.device.type):
             return self.op(torch.ops.fused_hourglass.bn_relu_apply.default, u, scale, shift)
         return self.op(_bn_relu_apply, u, scale, shift)
@@ -432,7 +468,7 @@ def forward(model: reference.StackedHourglass, imgs: torch.Tensor) -> torch.Tens
             cache.seen[plan_key] = key
         elif cache.plans:  # the model changed: plans recorded before can never replay
             cache.plans = {k: p for k, p in cache.plans.items() if p.model_key == key}
-        run = _Run(cache, x, trusted=trusted, tape=tape)
+        run = _Run(cache, x, trusted=trusted, tape=tape, model=model)
         stem, block1, _, block2, block3 = model.pre
         # each intermediate is held in a one-element list that the next block empties, so that it is freed at its
         # last use (as a compiled graph frees its buffers) rather than when this frame lets go of it

@@ -466,3 +466,20 @@ def test_no_stale_replay_after_a_module_is_replaced_or_an_attribute_changes():
     assert folds == 1
     _assert_fp32_tolerance(changed, _unfolded(model, x), _float64(model, x))
     assert not torch.equal(changed, relu_out)
+
+
+def test_batched_affines_equal_each_batchnorms_own_bit_for_bit():
+    """A refold computes every BatchNorm's (s, t) in one batch; the same values as one BatchNorm at a time, also for
+    a BatchNorm without affine parameters, and none for one without running statistics."""
+    model = _model()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    plain, untracked = bns[3], bns[5]
+    plain.register_parameter("weight", None)
+    plain.register_parameter("bias", None)
+    untracked.register_buffer("running_mean", None)
+    untracked.register_buffer("running_var", None)
+    batched = folding._batched_affines(model)
+    assert untracked not in batched and len(batched) == len(bns) - 1
+    for bn, (s, t) in batched.items():
+        want_s, want_t = folding._bn_affine(bn)
+        assert s.dtype == torch.float64 and torch.equal(s, want_s) and torch.equal(t, want_t)
