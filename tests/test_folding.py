@@ -80,14 +80,21 @@ def _layers(model) -> int:
     return convs - unused_skips + residuals
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nhwc"])
-def test_folded_matches_unfolded_in_float32_judged_in_float64(layout):
+def _model_and_images(layout: str):
+    """A model and a batch in `layout`: "nchw", "channels_last" (NCHW input in that memory format) or "nhwc" (the
+    port's input_format)."""
     model = _model(input_format="NHWC" if layout == "nhwc" else "NCHW")
     x = _images()
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "nhwc":
         x = x.permute(0, 2, 3, 1).contiguous()
+    return model, x
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nhwc"])
+def test_folded_matches_unfolded_in_float32_judged_in_float64(layout):
+    model, x = _model_and_images(layout)
     out, folds = _folded(model, x)
     assert folds == _layers(model)  # the folded path ran, every layer folded once
     unfolded = _unfolded(model, x)
@@ -132,12 +139,7 @@ def test_cache_serves_the_second_forward_bit_identically():
 def test_folded_forward_leaves_its_input_and_the_model_unchanged(layout, monkeypatch):
     # every addition as a post-op that writes into its skip tensor: none of them may be the caller's
     monkeypatch.setattr(folding, "POST_OP_MIN_POSITIONS", 0)
-    model = _model(input_format="NHWC" if layout == "nhwc" else "NCHW")
-    x = _images()
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "nhwc":
-        x = x.permute(0, 2, 3, 1).contiguous()
+    model, x = _model_and_images(layout)
     x_before, state = x.clone(), {k: v.clone() for k, v in model.state_dict().items()}
     first, _ = _folded(model, x)
     second, _ = _folded(model, x)
