@@ -289,7 +289,11 @@ class StackedHourglass(reference.StackedHourglass):
             folding.clear_cache(self)
         if active == "reference":
             return super().forward(imgs)
-        run = (lambda x: folding.forward(self, x)) if folding.applies(self, active) else self._fused_forward
+        run = self._fused_forward
+        if folding.may_apply(self, active):
+            state = folding.model_state(self)  # one walk finds any hook and keys the folded weights
+            if not state[0]:
+                run = lambda x: folding.forward(self, x, state)  # noqa: E731
         # The fused backends run channels_last whatever the input's layout: one conversion here, at the stem, not
         # one per layout-sensitive op. The output comes back in the layout the reference gives for the same input.
         nhwc = self.input_format == "NHWC"
