@@ -259,8 +259,8 @@ def model_state(model: nn.Module) -> tuple[bool, tuple | None]:
         return True, None
     tensors = [t for t in chain(*(chain.from_iterable(map(dict.values, map(get, dicts))) for get in _TENSOR_DICTS))
                if t is not None]
-    attributes = [d.get(name) for d, names in zip(dicts, map(_attributes_of_type.__getitem__, map(type, modules)))
-                  for name in names]
+    names = map(_attributes_of_type.__getitem__, map(type, modules))
+    attributes = [d.get(name) for d, read in zip(dicts, names, strict=True) for name in read]
     try:
         versions = list(map(_version, tensors))
     except RuntimeError:  # an inference tensor keeps no version counter

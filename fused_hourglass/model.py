@@ -45,9 +45,13 @@ def _triton():
 
 
 def _bn_relu_conv(bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d, u: torch.Tensor) -> torch.Tensor:
+    """One Residual step. With the compiled kernel for u's device the op is called directly: it makes every check of
+    the Python wrapper itself, before any running statistic is updated (about 10 µs of Python less per call)."""
     running_mean, running_var, training, momentum = module_statistics_arguments(bn)
-    return ops.bn_relu_conv2d(u, bn.weight, bn.bias, running_mean, running_var, training, momentum, bn.eps,
-                              conv.weight, conv.bias, conv.padding[0])
+    call = (torch.ops.fused_hourglass.bn_relu_conv2d.default if _ext.has_kernel("bn_relu_forward", u.device.type)
+            else ops.bn_relu_conv2d)
+    return call(u, bn.weight, bn.bias, running_mean, running_var, training, momentum, bn.eps, conv.weight, conv.bias,
+                conv.padding[0])
 
 
 def _add_into(out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -169,17 +169,24 @@ def test_fused_model_saves_less_than_eager():
     assert fused_bytes < 0.6 * eager_bytes, (fused_bytes, eager_bytes)
 
 
-def test_errors_name_the_argument():
+def _compiled_op(*args):
+    return torch.ops.fused_hourglass.bn_relu_conv2d.default(*args)
+
+
+@pytest.mark.parametrize("call", [ops.bn_relu_conv2d, pytest.param(_compiled_op, marks=requires_extension)],
+                         ids=["wrapper", "compiled_op"])
+def test_errors_name_the_argument(call):
+    """The Python wrapper and the compiled op (which the fused model calls directly) make the same checks, with the
+    same messages, before anything runs."""
     bn, conv = _modules(4, 6, 1, torch.float32)
     u = torch.randn(2, 4, 3, 3)
     with pytest.raises(ValueError, match=r"conv_weight must have 4 input channels \(the channels of u\), "
                                          r"got shape \[6, 5, 1, 1\]"):
-        ops.bn_relu_conv2d(u, bn.weight, bn.bias, None, None, True, 0.1, 1e-5, torch.zeros(6, 5, 1, 1), None)
+        call(u, bn.weight, bn.bias, None, None, True, 0.1, 1e-5, torch.zeros(6, 5, 1, 1), None, 0)
     with pytest.raises(TypeError, match=r"conv_weight must be torch.float32 \(u's dtype\), or float16/bfloat16"):
-        ops.bn_relu_conv2d(u, bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight.double(), None)
+        call(u, bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight.double(), None, 0)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        ops.bn_relu_conv2d(torch.randn(1, 4, 1, 1), bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight,
-                           None)
+        call(torch.randn(1, 4, 1, 1), bn.weight, bn.bias, None, None, True, 0.1, 1e-5, conv.weight, None, 0)
 
     # Arguments only the convolution uses are checked before the running statistics are touched.
     rm, rv = bn.running_mean.clone(), bn.running_var.clone()
@@ -195,9 +202,24 @@ def test_errors_name_the_argument():
     for kwargs, exc, message in bad:
         args = {"conv_weight": conv.weight, "conv_bias": None, "padding": 0} | kwargs
         with pytest.raises(exc, match=message):
-            ops.bn_relu_conv2d(u, bn.weight, bn.bias, rm, rv, True, 0.1, 1e-5, args["conv_weight"], args["conv_bias"],
-                               args["padding"])
+            call(u, bn.weight, bn.bias, rm, rv, True, 0.1, 1e-5, args["conv_weight"], args["conv_bias"],
+                 args["padding"])
         assert torch.equal(rm, bn.running_mean) and torch.equal(rv, bn.running_var)
+
+
+@requires_extension
+def test_model_with_a_bad_weight_fails_before_any_running_statistic_changes():
+    """A fused Residual calls the compiled op directly: a conv weight replaced by one of the wrong shape raises the
+    op's message, and the BatchNorm in front of that convolution keeps its running mean and variance (its batch
+    count has gone up, as nn.BatchNorm2d counts a batch before it computes anything)."""
+    model = StackedHourglass(1, 16, 4, backend="fused").train()
+    block = model.hgs[0][0].up1
+    block.conv2.conv.weight = nn.Parameter(torch.randn(8, 5, 3, 3))
+    before = [block.bn2.running_mean.clone(), block.bn2.running_var.clone()]
+    with pytest.raises(ValueError, match=r"bn_relu_conv2d: conv_weight must have 8 input channels \(the channels of "
+                                         r"u\), got shape \[8, 5, 3, 3\]"):
+        model(torch.randn(2, 3, 64, 64))
+    assert torch.equal(before[0], block.bn2.running_mean) and torch.equal(before[1], block.bn2.running_var)
 
 
 @requires_extension

@@ -30,14 +30,34 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
-void check_conv_dtypes(const at::Tensor& u, const at::Tensor& conv_weight, const OptTensor& conv_bias) {
+// Every check of fused_hourglass/ops/bn_relu_conv.py's wrapper on the convolution's operands, with its messages,
+// made before the BatchNorm updates any running statistic (so a call that fails changes nothing).
+void check_conv_args(const at::Tensor& u, const at::Tensor& conv_weight, const OptTensor& conv_bias,
+                     int64_t padding) {
+  constexpr const char* op = "bn_relu_conv2d";
+  check_4d_float(u, op, "u");
+  check_4d_float(conv_weight, op, "conv_weight");
+  TORCH_CHECK_VALUE(conv_weight.device() == u.device(), op, ": u and conv_weight must be on the same device, got u on ",
+                    u.device(), " and conv_weight on ", conv_weight.device());
   const at::ScalarType ut = u.scalar_type(), ct = conv_weight.scalar_type();
-  TORCH_CHECK_TYPE(ct == ut || ((ct == at::kHalf || ct == at::kBFloat16) && ut != at::kDouble),
-                   "bn_relu_conv2d: conv_weight must be ", dtype_name(ut),
+  TORCH_CHECK_TYPE(ct == ut || ((ct == at::kHalf || ct == at::kBFloat16) && ut != at::kDouble), op,
+                   ": conv_weight must be ", dtype_name(ut),
                    " (u's dtype), or float16/bfloat16 for a lower-precision convolution, got ", dtype_name(ct));
-  TORCH_CHECK_TYPE(!conv_bias.has_value() || conv_bias->scalar_type() == ct,
-                   "bn_relu_conv2d: conv_bias must have conv_weight's dtype ", dtype_name(ct), ", got ",
-                   dtype_name(conv_bias->scalar_type()));
+  TORCH_CHECK_VALUE(conv_weight.size(1) == u.size(1), op, ": conv_weight must have ", u.size(1),
+                    " input channels (the channels of u), got shape ", shape_str(conv_weight));
+  if (conv_bias.has_value()) {
+    TORCH_CHECK_VALUE(conv_bias->device() == u.device(), op, ": u and conv_bias must be on the same device, got u on ",
+                      u.device(), " and conv_bias on ", conv_bias->device());
+    TORCH_CHECK_TYPE(conv_bias->scalar_type() == ct, op, ": conv_bias must have conv_weight's dtype ",
+                     dtype_name(ct), ", got ", dtype_name(conv_bias->scalar_type()));
+    TORCH_CHECK_VALUE(conv_bias->dim() == 1 && conv_bias->size(0) == conv_weight.size(0), op,
+                      ": conv_bias must be 1-D with ", conv_weight.size(0),
+                      " elements (conv_weight's output channels), got shape ", shape_str(*conv_bias));
+  }
+  TORCH_CHECK_VALUE(padding >= 0, op, ": padding must be an int >= 0, got ", padding);
+  const int64_t kh = conv_weight.size(2), kw = conv_weight.size(3);
+  TORCH_CHECK_VALUE(u.size(2) + 2 * padding >= kh && u.size(3) + 2 * padding >= kw, op, ": the ", kh, "x", kw,
+                    " conv_weight does not fit u's ", u.size(2), "x", u.size(3), " planes with padding ", padding);
 }
 
 // The convolution's input: r, rounded to the convolution's dtype when that is lower than u's.
@@ -55,7 +75,7 @@ at::Tensor bn_relu_conv2d_composite(const at::Tensor& u, const OptTensor& weight
                                     const OptTensor& running_mean, const OptTensor& running_var, bool training,
                                     double momentum, double eps, const at::Tensor& conv_weight,
                                     const OptTensor& conv_bias, int64_t padding) {
-  check_conv_dtypes(u, conv_weight, conv_bias);
+  check_conv_args(u, conv_weight, conv_bias, padding);
   const at::Tensor r =
       std::get<0>(call_bn_relu_forward(u, weight, bias, running_mean, running_var, training, momentum, eps));
   return conv(r, conv_weight, conv_bias, padding);
@@ -68,7 +88,7 @@ class BnReLUConvFunction : public torch::autograd::Function<BnReLUConvFunction> 
                                bool training, double momentum, double eps, const at::Tensor& conv_weight,
                                const OptTensor& conv_bias, int64_t padding) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    check_conv_dtypes(u, conv_weight, conv_bias);
+    check_conv_args(u, conv_weight, conv_bias, padding);
     auto [r, scale, shift, mean, invstd] =
         call_bn_relu_forward(u, weight, bias, running_mean, running_var, training, momentum, eps);
     at::Tensor out = conv(r, conv_weight, conv_bias, padding);
