@@ -17,13 +17,19 @@ data_ptr, version counter, dtype, device and strides (the cache keeps the source
 never reused while its key is held): an optimizer step, `load_state_dict`, a training forward's running-statistics
 update, `with torch.no_grad(): w.mul_(2)`, `to(dtype / device / memory_format)` or a replaced parameter refolds that
 layer at the next folded forward. Writes through `.data` bypass the version counter: call `clear_cache(model)` after
-them. A training-mode forward drops the cache. Each forward first takes one key of the whole model (every parameter's
-and buffer's data_ptr and version, each module's eps); when it equals the key at the start of the last forward of the
+them. Each forward first takes one key of the whole model from one walk of its modules (which also finds any forward
+hook): every module, the attributes the folded path reads (eps, padding, stride, dilation, groups, need_skip) and
+every parameter's and buffer's data_ptr and version. When it equals the key at the start of the last forward of the
 same dtype and memory format, that forward checked every layer since, and the layers' own keys are not built again.
 The folded weights are kept in the activations' memory format. The second forward of an input shape that finds every
-layer folded records its ops (functions, constant arguments, which earlier output each tensor argument is), and the
-next forwards under the same model key replay them: the same ops in the same order, each intermediate
-dropped after its last use, with no module walk or cache lookup per layer (about 1 ms of Python less per forward).
+layer folded records its ops (functions, constant arguments, which earlier output each tensor argument is, which
+cache entry each folded tensor is), and the next forwards under the same model key replay them: the same ops in the
+same order, each intermediate dropped after its last use, with no module walk or cache lookup per layer (about 1 ms of
+Python less per forward). When only tensors changed since (a training step, `load_state_dict`, an in-place write),
+not the modules or their attributes, the next forward refreshes the recording instead: the layers whose keys changed
+refold together (every BatchNorm affine in one batch, each weight one multiply) and the recording replays with them,
+bit for bit what a forward that folds from scratch gives. A training-mode forward drops the folded tensors (stale
+after the step) and keeps the recordings without them.
 
 `StackedHourglass` takes this path on the fused backend in eval mode when no gradient is recorded (`torch.no_grad()`,
 `torch.inference_mode()`), not under torch.compile or torch.export (which trace the unfolded ops, visible as ops),
@@ -39,7 +45,7 @@ import contextlib
 import functools
 import operator
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from itertools import chain
 
 import torch
@@ -90,14 +96,18 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return s, t
 
 
-def _batched_affines(model: nn.Module) -> dict:
-    """`_bn_affine` of every BatchNorm of `model` with running statistics, computed together (a handful of ops on
-    the concatenated statistics instead of a handful per BatchNorm: what a refold after a training step spends most
-    of its time on); {} where they do not share a device."""
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None]
+def _running_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """Every BatchNorm of `model` with running statistics, in module order."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None]
+
+
+def _affine_arrays(bns: list[nn.BatchNorm2d]) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+    """(s, t, sizes): `_bn_affine` of each BatchNorm of `bns`, concatenated in float64 and computed together (a
+    handful of ops on the concatenated statistics instead of a handful per BatchNorm); None where they do not share
+    a device."""
     if not bns or len({bn.running_var.device for bn in bns}) > 1:
-        return {}
+        return None
     sizes = [bn.running_var.numel() for bn in bns]
     device = bns[0].running_var.device
 
@@ -106,12 +116,32 @@ def _batched_affines(model: nn.Module) -> dict:
 
     with torch.inference_mode(False), torch.no_grad():
         var = cat([bn.running_var for bn in bns])
-        eps = torch.tensor([bn.eps for bn in bns], dtype=torch.float64).repeat_interleave(torch.tensor(sizes))
-        s = torch.rsqrt(var + eps.to(device))
+        eps = {bn.eps for bn in bns}
+        if len(eps) == 1:  # the usual case: one eps, added as a scalar
+            var = var + eps.pop()
+        else:
+            var = var + torch.cat([torch.full((n,), bn.eps, dtype=torch.float64) for bn, n in zip(bns, sizes,
+                                                                                               strict=True)]).to(device)
+        s = torch.rsqrt(var)
         s = s * cat([bn.weight if bn.weight is not None else torch.ones_like(bn.running_var) for bn in bns])
         t = cat([bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var) for bn in bns]) - cat(
             [bn.running_mean for bn in bns]) * s
+    return s, t, sizes
+
+
+def _affines_of(bns: list[nn.BatchNorm2d]) -> dict:
+    """{bn: `_bn_affine(bn)`} for `bns`, computed together; {} where they do not share a device."""
+    arrays = _affine_arrays(bns)
+    if arrays is None:
+        return {}
+    s, t, sizes = arrays
     return dict(zip(bns, zip(s.split(sizes), t.split(sizes), strict=True), strict=True))
+
+
+def _batched_affines(model: nn.Module) -> dict:
+    """`_bn_affine` of every BatchNorm of `model` with running statistics, computed together: what a refold after a
+    training step spends most of its time on otherwise; {} where they do not share a device."""
+    return _affines_of(_running_bns(model))
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype,
@@ -142,9 +172,62 @@ def _tensor_key(t: torch.Tensor | None):
     return t.data_ptr(), t._version, t.dtype, t.device, t.stride()
 
 
+def _recipe_sources(recipe: tuple) -> tuple[tuple, tuple]:
+    """(source tensors, extra key values) of a recipe: ("conv", conv, bn or None), a convolution with the BatchNorm
+    folded into it, or ("bn", None, bn), a BatchNorm's eval-mode scale and shift for `bn_relu_apply`."""
+    kind, conv, bn = recipe
+    if kind == "bn":
+        return (bn.weight, bn.bias, bn.running_mean, bn.running_var), (bn.eps,)
+    if bn is None:
+        return (conv.weight, conv.bias), ()
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var), (bn.eps,)
+
+
+def _compute(recipes: list[tuple], dtype: torch.dtype, variant: object, affines: dict
+             ) -> list[tuple[torch.Tensor, ...]]:
+    """The folded tensors of each recipe in `dtype`: (W', b') in the memory format `variant` (oneDNN's post-op
+    convolution would otherwise copy W' on every call), or a BatchNorm's (scale, shift) for `bn_relu_apply`.
+    `affines`: {bn: (s, t)} from `_affines_of`, holding every BatchNorm with running statistics that a recipe names.
+    The values of `fold_conv_bn` and `bn_scale_shift`, in fewer ops: each W' one multiply that computes in float64
+    (the weights promote, as W.double()·s) and stores in `dtype` and `variant`; the folded biases b·s + t on their
+    concatenation. One layer's refold and every layer's after a training step take this same path."""
+    values: list = [None] * len(recipes)
+    folded, scaled = [], []
+    with torch.inference_mode(False), torch.no_grad():
+        for i, (kind, conv, bn) in enumerate(recipes):
+            if kind == "bn" and bn in affines:
+                scaled.append(i)
+            elif kind == "bn":
+                values[i] = bn_scale_shift(bn, dtype)
+            elif bn is None or bn not in affines:
+                w, b = fold_conv_bn(conv, bn, dtype)
+                values[i] = (w.contiguous(memory_format=variant), b)
+            else:
+                folded.append(i)
+        if scaled:  # bn_scale_shift's casts, on the concatenated affines
+            stats = torch.float64 if dtype == torch.float64 else torch.float32
+            sizes = [affines[recipes[i][2]][0].shape[0] for i in scaled]
+            scales, shifts = (torch.cat([affines[recipes[i][2]][k] for i in scaled]).to(stats).split(sizes)
+                              for k in (0, 1))
+            for i, scale, shift in zip(scaled, scales, shifts, strict=True):
+                values[i] = (scale, shift)
+        if folded:
+            convs = [recipes[i][1] for i in folded]
+            scales = [affines[recipes[i][2]][0] for i in folded]
+            biases = torch.cat([c.bias if c.bias is not None else torch.zeros(c.weight.shape[0], dtype=c.weight.dtype,
+                                                                                device=c.weight.device)
+                                for c in convs]).double()
+            biases = (biases * torch.cat(scales) + torch.cat([affines[recipes[i][2]][1] for i in folded])).to(dtype)
+            for i, conv, scale, b in zip(folded, convs, scales, biases.split([c.weight.shape[0] for c in convs]),
+                                         strict=True):
+                out = torch.empty_like(conv.weight, dtype=dtype, memory_format=variant)
+                values[i] = (torch.mul(conv.weight, scale.view(-1, 1, 1, 1), out=out), b)
+    return values
+
+
 class FoldCache:
-    """Folded tensors per (layer, dtype), each kept with the key of the tensors it was computed from; `folds` counts
-    the computations (a cache miss each)."""
+    """Folded tensors per (layer, dtype, variant), each kept with the key of the tensors it was computed from;
+    `folds` counts the computations (a cache miss each)."""
 
     def __init__(self) -> None:
         self.entries: dict = {}
@@ -153,33 +236,44 @@ class FoldCache:
         # after which every entry of that kind was checked against its own key
         self.checked: dict = {}
         # per (kind of run, input shape, device, post-op threshold): the ops of a forward, replayed while the
-        # model's key is the one they were recorded under
+        # model's key is the one they were recorded under, and refreshed (refolded and rebound) after a change
+        # to the model's tensors
         self.plans: dict = {}
         self.seen: dict = {}  # per plan key: the model key of the last forward that found every layer folded
 
-    def get(self, layer: nn.Module, dtype: torch.dtype, sources: Sequence[torch.Tensor | None],
-            compute: Callable[[], tuple[torch.Tensor, ...]], extra: tuple = (), trusted: bool = False,
-            variant: object = None) -> tuple[torch.Tensor, ...]:
-        """The folded tensors of `layer` in `dtype` (and `variant`, e.g. a memory format), computed by `compute`
-        unless cached under the same key of `sources` and `extra`; `trusted`: the caller has checked that nothing
-        changed since the entry was last checked, so a present entry is returned without building its key."""
-        slot = (layer, dtype, variant)
+    def get(self, recipe: tuple, dtype: torch.dtype, variant: object, affines: Callable[[], dict],
+            trusted: bool = False) -> tuple[tuple, tuple[torch.Tensor, ...]]:
+        """(slot, the folded tensors of `recipe` in `dtype` and `variant`), computed unless cached under the same key
+        of the recipe's source tensors; `trusted`: the caller has checked that nothing changed since the entry was
+        last checked, so a present entry is returned without building its key. `affines()`: every BatchNorm's
+        (s, t) (`_batched_affines`), called at the first computation."""
+        slot = (recipe[2] if recipe[0] == "bn" else recipe[1], dtype, variant)
         entry = self.entries.get(slot)
         if trusted and entry is not None:
-            return entry[2]
+            return slot, entry[2]
+        return slot, self.fresh(slot, recipe, affines, entry)
+
+    def fresh(self, slot: tuple, recipe: tuple, affines: Callable[[], dict], entry: tuple | None = None
+              ) -> tuple[torch.Tensor, ...]:
+        """The slot's folded tensors: `entry`'s when its key is the sources' current one, else computed and
+        stored."""
+        sources, extra = _recipe_sources(recipe)
+        bn = recipe[2]
         try:
             key = (*extra, *map(_tensor_key, sources))
         except RuntimeError:  # inference tensors keep no version counter: nothing can be cached for them
-            return compute()
+            return _compute([recipe], slot[1], slot[2], {} if bn is None else affines())[0]
         if entry is not None and entry[0] == key:
             return entry[2]
-        with torch.inference_mode(False), torch.no_grad():
-            value = compute()
+        value = _compute([recipe], slot[1], slot[2], {} if bn is None else affines())[0]
+        self.store(slot, key, sources, value)
+        return value
+
+    def store(self, slot: tuple, key: tuple, sources: tuple, value: tuple[torch.Tensor, ...]) -> None:
         self.folds += 1
         # The storages keep their addresses from being reused by other tensors while the key holds them.
         storages = [t.untyped_storage() for t in sources if t is not None]
         self.entries[slot] = (key, storages, value)
-        return value
 
 
 def _cache(model: nn.Module) -> FoldCache:
@@ -191,8 +285,22 @@ def _cache(model: nn.Module) -> FoldCache:
 
 
 def clear_cache(model: nn.Module) -> None:
-    """Drop `model`'s folded tensors (they are recomputed at the next folded forward)."""
+    """Drop `model`'s folded tensors and recorded forwards (they are recomputed at the next folded forward)."""
     model.__dict__.pop("_fold_cache", None)
+
+
+def release(model: nn.Module) -> None:
+    """Drop `model`'s folded tensors (what a training forward does: they would be stale after the step) but keep the
+    recorded forwards, without their folded constants: the next eval forward of a recorded shape refolds every layer
+    (its BatchNorm affines in one batch) and replays, instead of walking the modules with a fold per layer."""
+    cache = model.__dict__.get("_fold_cache")
+    if cache is None:
+        return
+    cache.entries.clear()
+    cache.checked.clear()
+    cache.seen.clear()
+    for plan in cache.plans.values():
+        plan.unbind()
 
 
 def _global_hooks() -> bool:
@@ -279,12 +387,12 @@ def applies(model: nn.Module, backend: str) -> bool:
     return may_apply(model, backend) and not _hooked(model)
 
 
-def _conv1x1_as_matmul(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """conv2d(x, w, b) for a 1×1 w of stride 1 on a channels_last x, as b + rows(x) @ w_t (w_t: w as [C_in, C_out]);
-    the result is channels_last."""
-    n, c, h, w = x.shape
-    y = torch.addmm(b, x.permute(0, 2, 3, 1).reshape(n * h * w, c), w_t)
-    return y.view(n, h, w, w_t.shape[1]).permute(0, 3, 1, 2)
+def _conv1x1_as_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """conv2d(x, w, b) for a 1×1 w of stride 1 on a channels_last x, as b + rows(x) @ w as [C_in, C_out]; the result
+    is channels_last."""
+    n, c, h, width = x.shape
+    y = torch.addmm(b, x.permute(0, 2, 3, 1).reshape(n * h * width, c), w.view(w.shape[0], w.shape[1]).t())
+    return y.view(n, h, width, w.shape[0]).permute(0, 3, 1, 2)
 
 
 def _call(fn: Callable, *args, **kwargs):
@@ -297,15 +405,22 @@ def _bn_relu_apply(u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     return r.contiguous(memory_format=_ext.memory_format_of(u))
 
 
-class _Tape:
-    """The ops of one folded forward as they run: each op's function, its constant arguments (folded weights,
-    paddings) and, for each tensor argument that an earlier op produced, that op's output slot. A tensor is
-    recognised by identity (id and a weak reference), so constants never pass for intermediates."""
+def _meta(value: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((t.shape, t.dtype, t.device, t.stride()) for t in value)
 
-    def __init__(self, x: torch.Tensor) -> None:
+
+class _Tape:
+    """The ops of one folded forward as they run: each op's function, its constant arguments (paddings, and the
+    folded tensors, which are also noted by cache slot so that a refold can rebind them) and, for each tensor
+    argument that an earlier op produced, that op's output slot. A tensor is recognised by identity (id and a weak
+    reference), so constants never pass for intermediates."""
+
+    def __init__(self, x: torch.Tensor, folded: dict) -> None:
         self.steps: list = []
         self.slots: dict = {id(x): (0, weakref.ref(x))}
         self.nslots = 1
+        self.folded = folded  # the run's: id of a folded tensor → (cache slot, index in its value, the tensor)
+        self.binds: list = []  # (step, argument index, cache slot, index in its value)
 
     def _slot(self, t):
         if isinstance(t, torch.Tensor):
@@ -329,12 +444,18 @@ class _Tape:
             if slot is not None:
                 refs.append((i, slot))
                 template[i] = None
+            elif isinstance(a, torch.Tensor):
+                folded = self.folded.get(id(a))
+                if folded is None or folded[2] is not a:
+                    raise RuntimeError("folded forward: a tensor argument is neither an intermediate nor folded")
+                self.binds.append((len(self.steps), i, folded[0], folded[1]))
         self.slots[id(out)] = (self.nslots, weakref.ref(out))
         self.steps.append((fn, template, kwargs, tuple(refs), self.nslots))
         self.nslots += 1
         return out
 
-    def plan(self, out: torch.Tensor, model_key: list) -> _Plan:
+    def plan(self, out: torch.Tensor, model_key: tuple, recipes: dict, values: dict, kind: tuple,
+             bns: list) -> _Plan:
         last_use: dict[int, int] = {}
         for n, (_, _, _, refs, _) in enumerate(self.steps):
             for _, slot in refs:
@@ -347,15 +468,21 @@ class _Tape:
                 frees[n].append(s)
         steps = [(fn, template, kwargs, refs, slot, tuple(frees[n]))
                  for n, (fn, template, kwargs, refs, slot) in enumerate(self.steps)]
-        return _Plan(steps, self.nslots, result, model_key)
+        meta = {slot: _meta(value) for slot, value in values.items()}
+        return _Plan(steps, self.nslots, result, model_key, self.binds, recipes, meta, kind, bns)
 
 
 class _Plan:
     """A recorded folded forward: the same ops on a new input of the same shape, each intermediate dropped after
-    its last use, without walking the modules or looking up the cache."""
+    its last use, without walking the modules or looking up the cache. After a change to the model's tensors (not
+    its modules or their attributes), `refresh` refolds what changed and rebinds the folded constants."""
 
-    def __init__(self, steps: list, nslots: int, result: int, model_key: list) -> None:
+    def __init__(self, steps: list, nslots: int, result: int, model_key: tuple, binds: list, recipes: dict,
+                 meta: dict, kind: tuple, bns: list) -> None:
         self.steps, self.nslots, self.result, self.model_key = steps, nslots, result, model_key
+        self.binds, self.recipes, self.meta, self.kind, self.bns = binds, recipes, meta, kind, bns
+        self.structure = model_key[:2]  # the modules and their attributes: what the recorded ops depend on
+        self.refreshes = 0
 
     def replay(self, x: torch.Tensor) -> torch.Tensor:
         regs: list = [None] * self.nslots
@@ -369,11 +496,50 @@ class _Plan:
                 regs[s] = None
         return regs[self.result]
 
+    def unbind(self) -> None:
+        """Let go of the folded constants (they are stale after a training step); `refresh` binds new ones."""
+        for step, arg, _, _ in self.binds:
+            self.steps[step][1][arg] = None
+        self.model_key = None
+
+    def refresh(self, cache: FoldCache, key: tuple, trusted: bool) -> bool:
+        """Bring the folded constants up to date with the model's tensors: each slot's cache entry, refolded where
+        its key changed (every BatchNorm's affine in one batch), then rebound into the ops. False, with nothing
+        rebound, when a folded tensor would change shape, dtype, device or strides: the recorded ops no longer
+        apply. On success the plan and the cache's `kind` of run are marked checked under the model key `key`.
+        `trusted`: every cache entry of this kind of run is known current."""
+        values, todo = {}, []
+        for slot, recipe in self.recipes.items():
+            entry = cache.entries.get(slot)
+            if trusted and entry is not None:
+                values[slot] = entry[2]
+                continue
+            sources, extra = _recipe_sources(recipe)
+            slot_key = (*extra, *map(_tensor_key, sources))
+            if entry is not None and entry[0] == slot_key:
+                values[slot] = entry[2]
+            else:
+                todo.append((slot, recipe, slot_key, sources))
+        if todo:
+            dtype, variant = self.kind
+            computed = _compute([recipe for _, recipe, _, _ in todo], dtype, variant, _affines_of(self.bns))
+            for (slot, _, slot_key, sources), value in zip(todo, computed, strict=True):
+                cache.store(slot, slot_key, sources, value)
+                values[slot] = value
+        if any(_meta(value) != self.meta[slot] for slot, value in values.items()):
+            return False
+        for step, arg, slot, index in self.binds:
+            self.steps[step][1][arg] = values[slot][index]
+        self.refreshes += 1
+        self.model_key = key
+        cache.checked[self.kind] = key  # the plan's slots are every layer that a forward of this kind folds
+        return True
+
 
 class _Run:
     """One folded forward: the cache, the compute dtype and whether oneDNN's post-ops serve it."""
 
-    def __init__(self, cache: FoldCache, x: torch.Tensor, trusted: bool, tape: _Tape | None = None,
+    def __init__(self, cache: FoldCache, x: torch.Tensor, trusted: bool, record: bool = False,
                  model: nn.Module | None = None) -> None:
         self.cache = cache
         self.model = model
@@ -383,16 +549,30 @@ class _Run:
         self.pointwise = pointwise_conv_available(x)
         self.matmul_1x1 = x.device.type == "cpu" and self.format == torch.channels_last
         self.trusted = trusted
-        self.op = _call if tape is None else tape.call
+        self.recipes: dict = {}  # cache slot → recipe, and slot → folded tensors, of every layer this run folds
+        self.values: dict = {}
+        self.folded: dict = {}  # id of a folded tensor → (slot, index, tensor), for the tape
+        self.tape = _Tape(x, self.folded) if record else None
+        self.op = _call if self.tape is None else self.tape.call
+
+    def _batched(self) -> dict:
+        if self.affines is None:
+            self.affines = {} if self.model is None else _batched_affines(self.model)
+        return self.affines
+
+    def fetch(self, recipe: tuple, dtype: torch.dtype, variant: object = None) -> tuple[torch.Tensor, ...]:
+        slot, value = self.cache.get(recipe, dtype, variant, self._batched, trusted=self.trusted)
+        if self.tape is not None:
+            self.recipes[slot], self.values[slot] = recipe, value
+            for index, t in enumerate(value):
+                self.folded[id(t)] = (slot, index, t)
+        return value
 
     def conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, x: torch.Tensor, *, relu: bool = False,
              add: torch.Tensor | None = None) -> torch.Tensor:
         """relu(bn(conv(x))) (relu optional) or bn(conv(x)) + add, BatchNorm folded."""
-        sources = (conv.weight, conv.bias) if bn is None else (conv.weight, conv.bias, bn.weight, bn.bias,
-                                                               bn.running_mean, bn.running_var)
         # W' in the activations' memory format: oneDNN's post-op convolution would otherwise copy it on every call
-        w, b = self.cache.get(conv, self.dtype, sources, lambda: self._folded(conv, bn),
-                              extra=() if bn is None else (bn.eps,), trusted=self.trusted, variant=self.format)
+        w, b = self.fetch(("conv", conv, bn), self.dtype, self.format)
         op = self.op
         small = x.shape[0] * x.shape[2] * x.shape[3] < POST_OP_MIN_POSITIONS
         if self.pointwise and not small:
@@ -406,7 +586,7 @@ class _Run:
                 and conv.padding == (0, 0) and conv.groups == 1:
             # a 1×1 convolution of a channels_last plane is one matrix product of its [N·H·W, C] rows: on small
             # planes a third to a quarter of the oneDNN call's time (its set-up dominates there)
-            y = op(_conv1x1_as_matmul, x, w.view(w.shape[0], w.shape[1]).t(), b)
+            y = op(_conv1x1_as_matmul, x, w, b)
         else:
             y = op(F.conv2d, x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
         if relu:
@@ -415,24 +595,11 @@ class _Run:
             y = op(torch.Tensor.add_, y, add)
         return y
 
-    def _affine(self, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if bn is None:
-            return None
-        if self.affines is None:
-            self.affines = {} if self.model is None else _batched_affines(self.model)
-        return self.affines.get(bn)
-
-    def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
-        w, b = fold_conv_bn(conv, bn, self.dtype, self._affine(bn))
-        return w.contiguous(memory_format=self.format), b
-
     def conv_module(self, c: reference.Conv, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv(c.conv, c.bn, x, relu=c.relu is not None, add=add)
 
     def bn_relu(self, bn: nn.BatchNorm2d, u: torch.Tensor) -> torch.Tensor:
-        sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        scale, shift = self.cache.get(bn, u.dtype, sources, lambda: bn_scale_shift(bn, u.dtype, self._affine(bn)),
-                                      extra=(bn.eps,), trusted=self.trusted)
+        scale, shift = self.fetch(("bn", None, bn), u.dtype)
         if u.numel() and _ext.has_kernel("bn_relu_apply", u.device.type):
             return self.op(torch.ops.fused_hourglass.bn_relu_apply.default, u, scale, shift)
         return self.op(_bn_relu_apply, u, scale, shift)
@@ -477,17 +644,28 @@ def forward(model: reference.StackedHourglass, imgs: torch.Tensor, state: tuple 
     trusted = key is not None and cache.checked.get(kind) == key
     plan_key = (kind, tuple(x.shape), x.device, POST_OP_MIN_POSITIONS)
     with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-        plan = cache.plans.get(plan_key) if trusted else None
-        if plan is not None and plan.model_key == key:
-            return plan.replay(x)
+        plan = cache.plans.get(plan_key) if key is not None else None
+        if plan is not None:
+            if plan.model_key == key and trusted:
+                return plan.replay(x)
+            # The model's tensors changed (a training step, load_state_dict, an in-place write), not its modules or
+            # their attributes: refold what changed and replay, without the walk and per-layer folds of a forward.
+            try:
+                refreshed = plan.structure == key[:2] and plan.refresh(cache, key, trusted)
+            finally:
+                if plan.model_key != key:  # not refreshed (or a fold failed): the recorded ops no longer apply
+                    del cache.plans[plan_key]
+            if refreshed:
+                return plan.replay(x)
+        structure = None if key is None else key[:2]
+        if cache.plans and not trusted:  # plans of other modules or attributes can never replay
+            cache.plans = {k: p for k, p in cache.plans.items() if p.structure == structure}
         # The second forward of this shape to find every layer folded records its ops (about 0.7 ms more than a
         # plain forward), and the next ones replay them; an eval after every training step never pays for it.
-        tape = _Tape(x) if trusted and cache.seen.get(plan_key) == key else None
+        record = trusted and cache.seen.get(plan_key) == key
         if trusted:
             cache.seen[plan_key] = key
-        elif cache.plans:  # the model changed: plans recorded before can never replay
-            cache.plans = {k: p for k, p in cache.plans.items() if p.model_key == key}
-        run = _Run(cache, x, trusted=trusted, tape=tape, model=model)
+        run = _Run(cache, x, trusted=trusted, record=record, model=model)
         stem, block1, _, block2, block3 = model.pre
         # each intermediate is held in a one-element list that the next block empties, so that it is freed at its
         # last use (as a compiled graph frees its buffers) rather than when this frame lets go of it
@@ -507,9 +685,8 @@ def forward(model: reference.StackedHourglass, imgs: torch.Tensor, state: tuple 
         out = run.op(torch.stack, preds_per_stack, 1)
         if key is not None:
             cache.checked[kind] = key
-        if tape is not None:
-            cache.plans = {k: p for k, p in cache.plans.items() if p.model_key == key}  # stale plans let go
-            cache.plans[plan_key] = tape.plan(out, key)
+        if run.tape is not None:
+            cache.plans[plan_key] = run.tape.plan(out, key, run.recipes, run.values, kind, _running_bns(model))
         return out
 
 

@@ -290,7 +290,7 @@ class StackedHourglass(reference.StackedHourglass):
                     m.sync = group
             self._sync_routed = group
         if self.training:
-            folding.clear_cache(self)
+            folding.release(self)  # the folded tensors go stale with this step; recorded eval forwards are kept
         if active == "reference":
             return super().forward(imgs)
         run = self._fused_forward

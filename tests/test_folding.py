@@ -274,12 +274,57 @@ def test_writes_through_data_need_clear_cache():
     _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
 
 
-def test_training_forward_drops_the_cache():
+def _fresh_copy(model):
+    """A model with `model`'s weights and an empty fold cache: its folded forward folds every layer and records
+    nothing."""
+    copy = StackedHourglass(*CONFIG, backend="fused", input_format=model.input_format).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def _bound_constants(plan):
+    return [plan.steps[step][1][arg] for step, arg, _, _ in plan.binds]
+
+
+def test_a_training_step_releases_the_folded_tensors_and_the_next_eval_refreshes_its_plan(monkeypatch):
+    """A training forward drops every folded tensor (stale after the step) but keeps the recorded forward without
+    its constants; the next eval forward refolds every layer, rebinds them and replays: the output of a model that
+    folds from scratch, bit for bit."""
     model, x = _model(), _images()
-    _folded(model, x)
+    for _ in range(4):  # fold, check, record, replay
+        _folded(model, x)
+    (plan,) = _plans(model).values()
+    assert plan.binds and all(isinstance(t, torch.Tensor) for t in _bound_constants(plan))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
-    model(x)
-    assert "_fold_cache" not in model.__dict__
+    model(x).square().mean().backward()
+    optimizer.step()
+    model.eval()
+    cache = model.__dict__["_fold_cache"]
+    assert cache.entries == {} and all(t is None for t in _bound_constants(plan))
+    replayed = []
+    original = folding._Plan.replay
+    monkeypatch.setattr(folding._Plan, "replay", lambda self, x: replayed.append(self) or original(self, x))
+    out, folds = _folded(model, x)
+    assert replayed == [plan] and plan.refreshes == 1 and folds == _layers(model)
+    assert torch.equal(out, _folded(_fresh_copy(model), x)[0])
+    _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
+    assert torch.equal(_folded(model, x)[0], out) and replayed == [plan, plan] and plan.refreshes == 1
+
+
+def test_a_plan_whose_folded_tensors_would_change_shape_is_dropped():
+    """A parameter replaced by one of another shape (no module or attribute changed) cannot rebind into the recorded
+    ops: the forward folds and runs afresh, and fails where the unfolded model fails."""
+    model, x = _model(), _images()
+    for _ in range(4):
+        _folded(model, x)
+    conv = model.hgs[0][0].up1.conv1.conv
+    conv.weight = nn.Parameter(torch.randn(conv.out_channels + 1, conv.in_channels, 1, 1))
+    with pytest.raises((RuntimeError, ValueError)):
+        _unfolded(model, x)
+    with pytest.raises(RuntimeError):
+        _folded(model, x)
+    assert _plans(model) == {}
 
 
 def test_gradients_hooks_and_the_switch_keep_the_unfolded_path():
@@ -385,8 +430,8 @@ def _plans(model):
 @pytest.mark.parametrize("post_ops_from", [None, 0])
 def test_recorded_forward_replays_bit_identically_and_never_stale(post_ops_from, monkeypatch):
     """The first forward folds, the second finds every layer folded, the third records its ops and later ones
-    replay them: the same output bit for bit, until a change to the model, after which the layers refold and a new
-    plan is made."""
+    replay them: the same output bit for bit. After a change to one of the model's tensors, that layer refolds and
+    the plan replays with it: the output of a model that folds from scratch, bit for bit."""
     if post_ops_from is not None:
         monkeypatch.setattr(folding, "POST_OP_MIN_POSITIONS", post_ops_from)
     model, x = _model(), _images()
@@ -394,7 +439,7 @@ def test_recorded_forward_replays_bit_identically_and_never_stale(post_ops_from,
     unrecorded, _ = _folded(model, x)
     assert _plans(model) == {}
     second, _ = _folded(model, x)
-    (plan,) = _plans(model).values()
+    ((plan_key, plan),) = _plans(model).items()
     replayed = []
     original = folding._Plan.replay
 
@@ -409,13 +454,11 @@ def test_recorded_forward_replays_bit_identically_and_never_stale(post_ops_from,
     with torch.no_grad():
         model.hgs[0][0].low1.bn2.running_var.mul_(2.0)
     changed, folds = _folded(model, x)
-    assert replayed == [plan] and folds == 1  # not replayed: the layer refolds
+    assert replayed == [plan, plan] and folds == 1 and plan.refreshes == 1  # that one layer refolds, rebound
     _assert_fp32_tolerance(changed, _unfolded(model, x), _float64(model, x))
-    _folded(model, x)
-    again, _ = _folded(model, x)  # records anew under the new key, dropping the stale plan
-    (new_plan,) = _plans(model).values()
-    assert new_plan is not plan and torch.equal(again, changed)
-    assert torch.equal(_folded(model, x)[0], changed) and replayed[-1] is new_plan
+    assert torch.equal(changed, _folded(_fresh_copy(model), x)[0])
+    again, folds = _folded(model, x)
+    assert _plans(model) == {plan_key: plan} and folds == 0 and torch.equal(again, changed)
 
 
 def test_a_plan_per_input_shape():
@@ -485,3 +528,34 @@ def test_batched_affines_equal_each_batchnorms_own_bit_for_bit():
     for bn, (s, t) in batched.items():
         want_s, want_t = folding._bn_affine(bn)
         assert s.dtype == torch.float64 and torch.equal(s, want_s) and torch.equal(t, want_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("variant", [torch.contiguous_format, torch.channels_last])
+def test_folds_computed_together_equal_fold_conv_bn_bit_for_bit(dtype, variant):
+    """Every layer's folded tensors as a refresh computes them together (one multiply per weight, the biases and
+    BatchNorm scales on their concatenation) equal `fold_conv_bn`'s and `bn_scale_shift`'s one layer at a time, in
+    value, dtype and layout; a BatchNorm with its own eps and one without affine parameters included."""
+    model = _model()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns[2].eps = 1e-3
+    bns[4].register_parameter("weight", None)
+    bns[4].register_parameter("bias", None)
+    recipes = []
+    for m in model.modules():
+        if isinstance(m, reference.Residual):
+            recipes += [("bn", None, m.bn1), ("conv", m.conv1.conv, m.bn2), ("conv", m.conv2.conv, m.bn3),
+                        ("conv", m.conv3.conv, None)]
+        elif isinstance(m, reference.Conv) and m.bn is not None:
+            recipes.append(("conv", m.conv, m.bn))
+    values = folding._compute(recipes, dtype, variant, folding._batched_affines(model))
+    for (kind, conv, bn), value in zip(recipes, values, strict=True):
+        if kind == "bn":
+            want = folding.bn_scale_shift(bn, dtype)
+        else:
+            w, b = folding.fold_conv_bn(conv, bn, dtype)
+            want = (w.contiguous(memory_format=variant), b)
+        for got, expected in zip(value, want, strict=True):
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+        if kind == "conv":
+            assert value[0].is_contiguous(memory_format=variant)
