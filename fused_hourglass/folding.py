@@ -269,10 +269,10 @@ class FoldCache:
         self.store(slot, key, sources, value)
         return value
 
-    def store(self, slot: tuple, key: tuple, sources: tuple, value: tuple[torch.Tensor, ...]) -> None:
+    def store(self, slot: tuple, key: tuple | None, sources: tuple, value: tuple[torch.Tensor, ...]) -> None:
         self.folds += 1
         # The storages keep their addresses from being reused by other tensors while the key holds them.
-        storages = [t.untyped_storage() for t in sources if t is not None]
+        storages = [t.untyped_storage() for t in sources if t is not None] if key is not None else []
         self.entries[slot] = (key, storages, value)
 
 
@@ -511,12 +511,15 @@ class _Plan:
         values, todo = {}, []
         for slot, recipe in self.recipes.items():
             entry = cache.entries.get(slot)
-            if trusted and entry is not None:
+            if entry is None:  # released by a training forward: refolded, with no key to build
+                todo.append((slot, recipe, None, ()))
+                continue
+            if trusted:
                 values[slot] = entry[2]
                 continue
             sources, extra = _recipe_sources(recipe)
             slot_key = (*extra, *map(_tensor_key, sources))
-            if entry is not None and entry[0] == slot_key:
+            if entry[0] == slot_key:
                 values[slot] = entry[2]
             else:
                 todo.append((slot, recipe, slot_key, sources))
@@ -524,6 +527,8 @@ class _Plan:
             dtype, variant = self.kind
             computed = _compute([recipe for _, recipe, _, _ in todo], dtype, variant, _affines_of(self.bns))
             for (slot, _, slot_key, sources), value in zip(todo, computed, strict=True):
+                # An entry stored without a key serves forwards under this model key (they trust the cache) and
+                # is refolded by any other (its key never matches).
                 cache.store(slot, slot_key, sources, value)
                 values[slot] = value
         if any(_meta(value) != self.meta[slot] for slot, value in values.items()):
