@@ -21,15 +21,15 @@ them. Each forward first takes one key of the whole model from one walk of its m
 hook): every module, the attributes the folded path reads (eps, padding, stride, dilation, groups, need_skip) and
 every parameter's and buffer's data_ptr and version. When it equals the key at the start of the last forward of the
 same dtype and memory format, that forward checked every layer since, and the layers' own keys are not built again.
-The folded weights are kept in the activations' memory format. The second forward of an input shape that finds every
-layer folded records its ops (functions, constant arguments, which earlier output each tensor argument is, which
-cache entry each folded tensor is), and the next forwards under the same model key replay them: the same ops in the
-same order, each intermediate dropped after its last use, with no module walk or cache lookup per layer (about 1 ms of
-Python less per forward). When only tensors changed since (a training step, `load_state_dict`, an in-place write),
-not the modules or their attributes, the next forward refreshes the recording instead: the layers whose keys changed
-refold together (every BatchNorm affine in one batch, each weight one multiply) and the recording replays with them,
-bit for bit what a forward that folds from scratch gives. A training-mode forward drops the folded tensors (stale
-after the step) and keeps the recordings without them.
+The folded weights are kept in the activations' memory format. The first forward of an input shape records its ops
+(functions, constant arguments, which earlier output each tensor argument is, which cache entry each folded tensor
+is), and the next forwards under the same model key replay them: the same ops in the same order, each intermediate
+dropped after its last use, with no module walk or cache lookup per layer (about 1 ms of Python less per forward).
+When only tensors changed since (a training step, `load_state_dict`, an in-place write), not the modules or their
+attributes, the next forward refreshes the recording instead: the layers whose keys changed refold together (every
+BatchNorm affine in one batch, each weight one multiply) and the recording replays with them, bit for bit what a
+forward that folds from scratch gives. A training-mode forward drops the folded tensors (stale after the step) and
+keeps the recordings without them.
 
 `StackedHourglass` takes this path on the fused backend in eval mode when no gradient is recorded (`torch.no_grad()`,
 `torch.inference_mode()`), not under torch.compile or torch.export (which trace the unfolded ops, visible as ops),
@@ -239,7 +239,6 @@ class FoldCache:
         # model's key is the one they were recorded under, and refreshed (refolded and rebound) after a change
         # to the model's tensors
         self.plans: dict = {}
-        self.seen: dict = {}  # per plan key: the model key of the last forward that found every layer folded
 
     def get(self, recipe: tuple, dtype: torch.dtype, variant: object, affines: Callable[[], dict],
             trusted: bool = False) -> tuple[tuple, tuple[torch.Tensor, ...]]:
@@ -298,7 +297,6 @@ def release(model: nn.Module) -> None:
         return
     cache.entries.clear()
     cache.checked.clear()
-    cache.seen.clear()
     for plan in cache.plans.values():
         plan.unbind()
 
@@ -665,12 +663,9 @@ def forward(model: reference.StackedHourglass, imgs: torch.Tensor, state: tuple 
         structure = None if key is None else key[:2]
         if cache.plans and not trusted:  # plans of other modules or attributes can never replay
             cache.plans = {k: p for k, p in cache.plans.items() if p.structure == structure}
-        # The second forward of this shape to find every layer folded records its ops (about 0.7 ms more than a
-        # plain forward), and the next ones replay them; an eval after every training step never pays for it.
-        record = trusted and cache.seen.get(plan_key) == key
-        if trusted:
-            cache.seen[plan_key] = key
-        run = _Run(cache, x, trusted=trusted, record=record, model=model)
+        # The first forward of this shape records its ops (about 0.7 ms more than a plain forward, once): the next
+        # ones replay them, refreshed after each training step.
+        run = _Run(cache, x, trusted=trusted, record=key is not None, model=model)
         stem, block1, _, block2, block3 = model.pre
         # each intermediate is held in a one-element list that the next block empties, so that it is freed at its
         # last use (as a compiled graph frees its buffers) rather than when this frame lets go of it

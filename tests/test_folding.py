@@ -286,13 +286,16 @@ def _bound_constants(plan):
     return [plan.steps[step][1][arg] for step, arg, _, _ in plan.binds]
 
 
-def test_a_training_step_releases_the_folded_tensors_and_the_next_eval_refreshes_its_plan(monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16_autocast"])
+def test_a_training_step_releases_the_folded_tensors_and_the_next_eval_refreshes_its_plan(autocast, monkeypatch):
     """A training forward drops every folded tensor (stale after the step) but keeps the recorded forward without
     its constants; the next eval forward refolds every layer, rebinds them and replays: the output of a model that
-    folds from scratch, bit for bit."""
+    folds from scratch, bit for bit (under bf16 autocast too, where the folded weights are bfloat16)."""
     model, x = _model(), _images()
-    for _ in range(4):  # fold, check, record, replay
-        _folded(model, x)
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with precision:
+        for _ in range(2):  # fold and record, then replay
+            _folded(model, x)
     (plan,) = _plans(model).values()
     assert plan.binds and all(isinstance(t, torch.Tensor) for t in _bound_constants(plan))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -305,11 +308,14 @@ def test_a_training_step_releases_the_folded_tensors_and_the_next_eval_refreshes
     replayed = []
     original = folding._Plan.replay
     monkeypatch.setattr(folding._Plan, "replay", lambda self, x: replayed.append(self) or original(self, x))
-    out, folds = _folded(model, x)
-    assert replayed == [plan] and plan.refreshes == 1 and folds == _layers(model)
-    assert torch.equal(out, _folded(_fresh_copy(model), x)[0])
-    _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
-    assert torch.equal(_folded(model, x)[0], out) and replayed == [plan, plan] and plan.refreshes == 1
+    with precision:
+        out, folds = _folded(model, x)
+        assert replayed == [plan] and plan.refreshes == 1 and folds == _layers(model)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert torch.equal(out, _folded(_fresh_copy(model), x)[0])
+        assert torch.equal(_folded(model, x)[0], out) and replayed == [plan, plan] and plan.refreshes == 1
+    if not autocast:
+        _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
 
 
 def test_a_plan_whose_folded_tensors_would_change_shape_is_dropped():
@@ -429,17 +435,15 @@ def _plans(model):
 
 @pytest.mark.parametrize("post_ops_from", [None, 0])
 def test_recorded_forward_replays_bit_identically_and_never_stale(post_ops_from, monkeypatch):
-    """The first forward folds, the second finds every layer folded, the third records its ops and later ones
-    replay them: the same output bit for bit. After a change to one of the model's tensors, that layer refolds and
-    the plan replays with it: the output of a model that folds from scratch, bit for bit."""
+    """The first forward folds and records its ops, later ones replay them: the same output bit for bit. After a
+    change to one of the model's tensors, that layer refolds and the plan replays with it: the output of a model that
+    folds from scratch, bit for bit."""
     if post_ops_from is not None:
         monkeypatch.setattr(folding, "POST_OP_MIN_POSITIONS", post_ops_from)
     model, x = _model(), _images()
-    first, _ = _folded(model, x)
-    unrecorded, _ = _folded(model, x)
-    assert _plans(model) == {}
-    second, _ = _folded(model, x)
+    first, folds = _folded(model, x)
     ((plan_key, plan),) = _plans(model).items()
+    assert folds == _layers(model)
     replayed = []
     original = folding._Plan.replay
 
@@ -448,13 +452,14 @@ def test_recorded_forward_replays_bit_identically_and_never_stale(post_ops_from,
         return original(self, x)
 
     monkeypatch.setattr(folding._Plan, "replay", spy)
-    third, folds = _folded(model, x)
-    assert replayed == [plan] and folds == 0
-    assert torch.equal(first, unrecorded) and torch.equal(first, second) and torch.equal(second, third)
+    second, folds = _folded(model, x)
+    third, _ = _folded(model, x)
+    assert replayed == [plan, plan] and folds == 0
+    assert torch.equal(first, second) and torch.equal(second, third)
     with torch.no_grad():
         model.hgs[0][0].low1.bn2.running_var.mul_(2.0)
     changed, folds = _folded(model, x)
-    assert replayed == [plan, plan] and folds == 1 and plan.refreshes == 1  # that one layer refolds, rebound
+    assert replayed == [plan, plan, plan] and folds == 1 and plan.refreshes == 1  # that one layer refolds, rebound
     _assert_fp32_tolerance(changed, _unfolded(model, x), _float64(model, x))
     assert torch.equal(changed, _folded(_fresh_copy(model), x)[0])
     again, folds = _folded(model, x)
@@ -497,7 +502,7 @@ def test_no_stale_replay_after_a_module_is_replaced_or_an_attribute_changes():
     """A change that touches no tensor (a ReLU module set on a head that had none, a BatchNorm's eps) still makes
     the next forward fold and trace anew rather than replay the recorded ops."""
     model, x = _model(), _images()
-    for _ in range(4):  # fold, check, record, replay
+    for _ in range(2):  # fold and record, then replay
         _folded(model, x)
     assert _plans(model)
     model.outs[0].relu = nn.ReLU()  # the first stack's predictions now go through a ReLU
