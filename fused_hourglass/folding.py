@@ -65,6 +65,9 @@ _POINTWISE_INPLACE = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
 # post-op convolution costs about 30 µs more per call there (measured on 2 cores: a 1×1 128→64 convolution with
 # ReLU of a 4×4×4 batch, 0.048 ms against 0.019 ms), while from 32×32×4 on it is as fast or faster.
 POST_OP_MIN_POSITIONS = 1024
+# Recorded forwards kept per model (one per input shape, dtype and layout): a run over many shapes records each once
+# and keeps the latest.
+MAX_PLANS = 8
 # There, a 1×1 convolution of channels_last activations on the CPU is a matrix product instead (`torch.addmm`): at
 # 4×2×2 to 4×8×8 positions, 128→64 channels, 7–27 µs against oneDNN's 28–36 µs in float32 (18–23 against 28–31
 # in bfloat16), about 2 % of a (2, 128, 16) forward at 128 px.
@@ -240,6 +243,11 @@ class FoldCache:
         # to the model's tensors
         self.plans: dict = {}
 
+    def __reduce__(self):
+        # A pickled or deep-copied model gets an empty cache: the recorded ops hold functions that do not pickle,
+        # and a copy's folded tensors are computed from its own parameters.
+        return FoldCache, ()
+
     def get(self, recipe: tuple, dtype: torch.dtype, variant: object, affines: Callable[[], dict],
             trusted: bool = False) -> tuple[tuple, tuple[torch.Tensor, ...]]:
         """(slot, the folded tensors of `recipe` in `dtype` and `variant`), computed unless cached under the same key
@@ -271,7 +279,7 @@ class FoldCache:
     def store(self, slot: tuple, key: tuple | None, sources: tuple, value: tuple[torch.Tensor, ...]) -> None:
         self.folds += 1
         # The storages keep their addresses from being reused by other tensors while the key holds them.
-        storages = [t.untyped_storage() for t in sources if t is not None] if key is not None else []
+        storages = [t.untyped_storage() for t in sources if t is not None]
         self.entries[slot] = (key, storages, value)
 
 
@@ -316,16 +324,17 @@ def module_hooked(module: nn.Module) -> bool:
     return _global_hooks() or _own_hooks(module)
 
 
-def _hooked(model: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook is registered on a submodule of `model` or globally: the folded path calls
-    no submodule, so it would never fire."""
+def _blocked(model: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook is registered on a submodule of `model` or globally (the folded path calls
+    no submodule, so it would never fire), or a BatchNorm is in training mode."""
     return model_state(model)[0]
 
 
 # The attributes the folded path reads, per kind of module (the tensors it reads are keyed by address and version).
 _READ_ATTRIBUTES = ((nn.modules.batchnorm._BatchNorm, ("eps",)),
                     (nn.Conv2d, ("padding", "stride", "dilation", "groups")),
-                    (reference.Residual, ("need_skip",)))
+                    (reference.Residual, ("need_skip",)),
+                    (reference.StackedHourglass, ("nstack",)))
 _version = operator.attrgetter("_version")
 _not_none = functools.partial(operator.is_not, None)
 _HOOK_DICTS = (operator.itemgetter("_forward_hooks"), operator.itemgetter("_forward_pre_hooks"))
@@ -344,16 +353,28 @@ class _AttributesOfType(dict):
 _attributes_of_type = _AttributesOfType()
 
 
+class _IsBatchNorm(dict):
+    """type → whether it is a BatchNorm (whose training flag decides how it normalises)."""
+
+    def __missing__(self, cls: type) -> bool:
+        self[cls] = issubclass(cls, nn.modules.batchnorm._BatchNorm)
+        return self[cls]
+
+
+_is_batchnorm = _IsBatchNorm()
+
+
 def model_state(model: nn.Module) -> tuple[bool, tuple | None]:
-    """(hooked, key) from one walk of `model`'s modules. hooked: a forward hook or pre-hook is registered on a
-    submodule or globally (the folded path calls no submodule, so it would never fire). key (None when hooked, or
+    """(blocked, key) from one walk of `model`'s modules. blocked: a forward hook or pre-hook is registered on a
+    submodule or globally (the folded path calls no submodule, so it would never fire), or a BatchNorm is in training
+    mode (it normalises with the batch's statistics, which no fold can hold). key (None when blocked, or
     when an inference tensor, which keeps no version counter, is among the parameters and buffers): every submodule
     in walk order, the attributes the folded path reads (a BatchNorm's eps; a convolution's padding, stride, dilation
-    and groups; a Residual's need_skip) and (data_ptr, version) of every parameter and buffer. Two keys are equal
-    exactly when no folded source was replaced or changed in place (the cache holds the source storages, so an
-    address is not reused) and no module was replaced, added or removed, so one comparison stands for every layer's
-    key and for a recorded forward. About 0.2 ms for a (2, 128, 16) model: each step is one C-level map over the
-    470 modules or 742 tensors."""
+    and groups; a Residual's need_skip; the model's nstack) and (data_ptr, version) of every parameter and buffer.
+    Two keys are equal exactly when no folded source was replaced or changed in place (the cache holds the source
+    storages, so an address is not reused) and no module was replaced, added or removed, so one comparison stands for
+    every layer's key and for a recorded forward. For a (2, 128, 16) model (470 modules, 742 tensors) about 0.3 ms
+    with its objects in cache and 0.7–0.9 ms inside a forward that has evicted them: most steps are one C-level map."""
     if _global_hooks():
         return True, None
     modules, i = [model], 0
@@ -362,6 +383,9 @@ def model_state(model: nn.Module) -> tuple[bool, tuple | None]:
         i += 1
     dicts = [m.__dict__ for m in modules]
     if any(map(_HOOK_DICTS[0], dicts)) or any(map(_HOOK_DICTS[1], dicts)):
+        return True, None
+    if any(d["training"] for d, bn in zip(dicts, map(_is_batchnorm.__getitem__, map(type, modules)), strict=True)
+           if bn):
         return True, None
     tensors = [t for t in chain(*(chain.from_iterable(map(dict.values, map(get, dicts))) for get in _TENSOR_DICTS))
                if t is not None]
@@ -375,14 +399,14 @@ def model_state(model: nn.Module) -> tuple[bool, tuple | None]:
 
 
 def may_apply(model: nn.Module, backend: str) -> bool:
-    """`applies` but for the hooks, which `model_state` reports."""
+    """`applies` but for the hooks and BatchNorms in training mode, which `model_state` reports."""
     return (backend == "fused" and getattr(model, "folded_inference", True) and not model.training
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
 def applies(model: nn.Module, backend: str) -> bool:
     """Whether a forward of `model` on `backend` takes the folded path (see the module docstring)."""
-    return may_apply(model, backend) and not _hooked(model)
+    return may_apply(model, backend) and not _blocked(model)
 
 
 def _conv1x1_as_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -509,24 +533,28 @@ class _Plan:
         values, todo = {}, []
         for slot, recipe in self.recipes.items():
             entry = cache.entries.get(slot)
-            if entry is None:  # released by a training forward: refolded, with no key to build
-                todo.append((slot, recipe, None, ()))
-                continue
-            if trusted:
+            if trusted and entry is not None:
                 values[slot] = entry[2]
                 continue
             sources, extra = _recipe_sources(recipe)
-            slot_key = (*extra, *map(_tensor_key, sources))
-            if entry[0] == slot_key:
-                values[slot] = entry[2]
-            else:
-                todo.append((slot, recipe, slot_key, sources))
+            slot_key = None  # released by a training forward: refolded, with no key to build
+            if entry is not None:
+                try:
+                    slot_key = (*extra, *map(_tensor_key, sources))
+                except RuntimeError:  # an inference tensor (a parametrization's output under inference_mode)
+                    slot_key = None
+                if slot_key is not None and entry[0] == slot_key:
+                    values[slot] = entry[2]
+                    continue
+            todo.append((slot, recipe, slot_key, sources))
         if todo:
             dtype, variant = self.kind
-            computed = _compute([recipe for _, recipe, _, _ in todo], dtype, variant, _affines_of(self.bns))
+            bns = [bn for bn in self.bns if bn.running_mean is not None and bn.running_var is not None]
+            computed = _compute([recipe for _, recipe, _, _ in todo], dtype, variant, _affines_of(bns))
             for (slot, _, slot_key, sources), value in zip(todo, computed, strict=True):
                 # An entry stored without a key serves forwards under this model key (they trust the cache) and
-                # is refolded by any other (its key never matches).
+                # is refolded by any other (its key never matches); it holds its sources' storages all the same,
+                # so that no other tensor takes their addresses while the model key names them.
                 cache.store(slot, slot_key, sources, value)
                 values[slot] = value
         if any(_meta(value) != self.meta[slot] for slot, value in values.items()):
@@ -686,6 +714,8 @@ def forward(model: reference.StackedHourglass, imgs: torch.Tensor, state: tuple 
         if key is not None:
             cache.checked[kind] = key
         if run.tape is not None:
+            while len(cache.plans) >= MAX_PLANS:  # the least recently recorded shape goes first
+                del cache.plans[next(iter(cache.plans))]
             cache.plans[plan_key] = run.tape.plan(out, key, run.recipes, run.values, kind, _running_bns(model))
         return out
 

@@ -564,3 +564,106 @@ def test_folds_computed_together_equal_fold_conv_bn_bit_for_bit(dtype, variant):
             assert got.dtype == expected.dtype and torch.equal(got, expected)
         if kind == "conv":
             assert value[0].is_contiguous(memory_format=variant)
+
+
+def test_the_cache_holds_every_folded_source_after_a_training_step():
+    """After a training forward the refreshed entries carry no per-layer key, but they still hold their sources'
+    storages: no other tensor can take a folded weight's address while the model key names it (a parameter replaced
+    by a new tensor at the old one's address, with the same version count, would otherwise replay stale weights)."""
+    model, x = _model(), _images()
+    _folded(model, x)
+    model.train()
+    model(x)
+    model.eval()
+    _folded(model, x)
+    cache = model.__dict__["_fold_cache"]
+    (plan,) = cache.plans.values()
+    assert plan.refreshes == 1
+    pinned = {st.data_ptr() for entry in cache.entries.values() for st in entry[1]}
+    for recipe in plan.recipes.values():
+        sources, _ = folding._recipe_sources(recipe)
+        assert all(t.untyped_storage().data_ptr() in pinned for t in sources if t is not None), recipe
+
+
+def test_stack_count_and_submodules_in_training_mode_are_honoured():
+    """The model's nstack is part of the model key, and a BatchNorm left in training mode (normalising with batch
+    statistics) keeps the whole forward unfolded; a module whose training flag changes nothing (a new ReLU) does not."""
+    model, x = _model(), _images()
+    _folded(model, x)
+    _folded(model, x)
+    model.nstack = 1
+    out, _ = _folded(model, x)
+    assert out.shape[1] == 1
+    _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x)[:, :1])
+    model.nstack = 2
+    model.outs[0].relu = nn.ReLU()  # in training mode, as every new module
+    with torch.no_grad():
+        assert folding.applies(model, "fused")
+        model.hgs[0][0].up1.bn2.train()
+        assert not folding.applies(model, "fused")
+    out, folds = _folded(model, x)
+    assert folds == 0 and torch.equal(out, _unfolded(model, x))
+
+
+def test_a_model_pickles_and_copies_with_an_empty_cache(tmp_path):
+    """torch.save(model) and copy.deepcopy work after folded forwards and after a training forward: the copy gets an
+    empty cache (the recorded ops hold functions that do not pickle) and folds its own weights."""
+    import copy
+
+    model, x = _model(), _images()
+    want, _ = _folded(model, x)
+    _folded(model, x)
+    for after_training in (False, True):
+        if after_training:
+            model.train()
+            model(x)
+            model.eval()
+            want, _ = _folded(model, x)
+        path = tmp_path / f"model{int(after_training)}.pt"
+        torch.save(model, path)
+        for twin in (torch.load(path, weights_only=False), copy.deepcopy(model)):
+            assert _folds(twin) == 0
+            out, folds = _folded(twin, x)
+            assert folds == _layers(twin) and torch.equal(out, want)
+
+
+def test_parametrized_weights_under_inference_mode_refresh():
+    """A parametrized convolution weight evaluated under inference_mode is an inference tensor (no version counter):
+    its layer is refolded at every refresh instead of keyed, and the outputs stay those of the unfolded model."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Twice(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model, x = _model(), _images()
+    parametrize.register_parametrization(model.hgs[0][0].up1.conv2.conv, "weight", Twice())
+    for _ in range(4):
+        with torch.inference_mode():
+            out, unfolded = model(x), _unfolded(model, x)
+        torch.testing.assert_close(out, unfolded, rtol=1e-4, atol=1e-4 * float(unfolded.abs().max()))
+        with torch.no_grad():
+            model.hgs[0][0].up1.conv2.conv.parametrizations.weight.original.mul_(1.5)  # the next forward refreshes
+
+
+def test_running_statistics_removed_after_recording_give_the_clear_error():
+    model, x = _model(), _images()
+    _folded(model, x)
+    _folded(model, x)
+    bn = model.hgs[0][0].up1.bn2
+    bn.register_buffer("running_mean", None)
+    bn.register_buffer("running_var", None)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="every BatchNorm needs running statistics"):
+            _folded(model, x)
+
+
+def test_recorded_forwards_are_capped(monkeypatch):
+    monkeypatch.setattr(folding, "MAX_PLANS", 2)
+    model = _model()
+    for batch in (1, 2, 3):
+        _folded(model, _images(batch))
+    assert [key[1][0] for key in _plans(model)] == [2, 3]
+    for batch in (1, 2, 3):
+        _assert_fp32_tolerance(_folded(model, _images(batch))[0], _unfolded(model, _images(batch)),
+                               _float64(model, _images(batch)))
