@@ -125,6 +125,59 @@ def test_bn_relu_conv2d_lower_precision_convolution_without_autocast():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bn_relu_conv2d_casts_the_convolution_operands_itself(layout, with_bias):
+    """conv_dtype (what the Autocast kernel passes): the op casts float32 conv_weight and conv_bias to it itself.
+    Output and every gradient equal those of a call on operands cast beforehand (autograd's cast), bit for bit; the
+    weight and bias gradients come back float32, the weight's in conv_weight's own layout."""
+    bn, conv, u = _op_inputs(4, 3, 3, torch.float32, "cpu")
+    if layout == "channels_last":
+        u = u.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(u.shape[0], 3, u.shape[2], u.shape[3])
+    results = []
+    for inside in (True, False):
+        leaves = [u.clone().requires_grad_(), bn.weight.detach().clone().requires_grad_(),
+                  bn.bias.detach().clone().requires_grad_(), conv.weight.detach().clone().requires_grad_()]
+        leaves.append(conv.bias.detach().clone().requires_grad_() if with_bias else None)
+        x, w, b, cw, cb = leaves
+        running = [bn.running_mean.clone(), bn.running_var.clone()]
+        if inside:
+            out = torch.ops.fused_hourglass.bn_relu_conv2d.default(x, w, b, *running, True, 0.1, 1e-5, cw, cb, 1,
+                                                                   torch.bfloat16)
+        else:
+            out = torch.ops.fused_hourglass.bn_relu_conv2d.default(
+                x, w, b, *running, True, 0.1, 1e-5, cw.bfloat16(), None if cb is None else cb.bfloat16(), 1)
+        out.backward(g.bfloat16())
+        results.append([out, *running, *(t.grad for t in leaves if t is not None)])
+        if inside:
+            assert cw.grad.dtype == torch.float32 and cw.grad.stride() == cw.stride()
+    for got, want in zip(*results, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bn_relu_conv2d_opcheck_with_conv_dtype(layout):
+    bn, conv, u = _op_inputs(4, 3, 3, torch.float32, "cpu")
+    if layout == "channels_last":
+        u = u.contiguous(memory_format=torch.channels_last)
+    u.requires_grad_()
+    cw = conv.weight.detach().clone().requires_grad_()
+    for conv_bias in (conv.bias.detach().clone().requires_grad_(), None):
+        for training in (True, False):
+            torch.library.opcheck(torch.ops.fused_hourglass.bn_relu_conv2d.default,
+                                  (u, bn.weight, bn.bias, bn.running_mean.clone(), bn.running_var.clone(), training,
+                                   0.1, 1e-5, cw, conv_bias, 1, torch.bfloat16))
+
+
+def test_bn_relu_conv2d_conv_dtype_error_names_it():
+    bn, conv, u = _op_inputs(4, 3, 1, torch.float32, "cpu")
+    with pytest.raises(TypeError, match=r"conv_dtype must be torch.float32 \(u's dtype\), or float16/bfloat16 for a "
+                                        r"lower-precision convolution, got torch.float64"):
+        torch.ops.fused_hourglass.bn_relu_conv2d.default(u, bn.weight, bn.bias, None, None, True, 0.1, 1e-5,
+                                                         conv.weight, conv.bias, 0, torch.float64)
+
+
 def test_bn_relu_conv2d_dtype_errors_name_the_argument():
     bn, conv, u = _op_inputs(4, 3, 1, torch.bfloat16, "cpu")
     call = ops.bn_relu_conv2d

@@ -8,7 +8,9 @@ and autocast kernels are C++ (csrc/ops/bn_relu_conv.cpp).
 
 Mixed precision, as the reference under `torch.autocast`: BatchNorm runs in u's dtype (statistics accumulated in
 float32; BN parameters and running statistics keep theirs) and the convolution in the low precision, on r rounded
-to it. Under autocast the op casts conv_weight and conv_bias to the autocast dtype itself, as `F.conv2d` does.
+to it. Under autocast the op casts conv_weight and conv_bias to the autocast dtype itself, as `F.conv2d` does: its
+Autocast kernel passes the compiled op `conv_dtype` (the schema's last, optional argument), and the op casts them
+inside, so that the weight gradient comes back in the weight's dtype with no autograd node per cast.
 """
 
 from __future__ import annotations
