@@ -75,10 +75,6 @@ at::Tensor conv(const at::Tensor& r, const at::Tensor& conv_weight, const OptTen
                          false, {0, 0}, 1);
 }
 
-// The weight and bias as the convolution runs them: in `conv_dtype` when given (the op casts them itself, so that
-// autocast records no cast of its own and the weight gradient comes back in conv_weight's dtype), and the weight
-// channels_last for channels_last activations, which oneDNN and cuDNN would otherwise copy it to on every call,
-// forward and backward. Nothing is copied when both already hold.
 // t in dtype `dt` and, unless `fmt` is Preserve, memory format `fmt`: t itself when it already is (never an alias
 // through aten::to, which an op below autograd must not return or pass on as a fresh tensor).
 at::Tensor converted(const at::Tensor& t, at::ScalarType dt, at::MemoryFormat fmt) {
@@ -86,6 +82,10 @@ at::Tensor converted(const at::Tensor& t, at::ScalarType dt, at::MemoryFormat fm
   return t.to(dt, false, true, fmt);
 }
 
+// The weight and bias as the convolution runs them: in `conv_dtype` when given (the op casts them itself, so that
+// autocast records no cast of its own and the weight gradient comes back in conv_weight's dtype), and the weight
+// channels_last for channels_last activations, which oneDNN and cuDNN would otherwise copy it to on every call.
+// Nothing is copied when both already hold.
 std::pair<at::Tensor, OptTensor> run_operands(const at::Tensor& u, const at::Tensor& conv_weight,
                                               const OptTensor& conv_bias, std::optional<at::ScalarType> conv_dtype) {
   const at::ScalarType dt = conv_dtype.value_or(conv_weight.scalar_type());
