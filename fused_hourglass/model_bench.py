@@ -137,8 +137,8 @@ def run(nstack: int = 2, inp_dim: int = 128, side: int = 128, batch: int = 4, ro
     for r in range(rounds):
         for row in rows:
             # the step changes the weights: the first eval forward after it refolds the fused model's BatchNorms
-            # (timed apart); two more (untimed: the fused model's folded path records its ops on the third) and
-            # the fourth is the steady state of inference on fixed weights
+            # (timed apart: it refreshes the recorded forward); two more, untimed, and the fourth is the steady
+            # state of inference on fixed weights
             for mode, key in (("train", "train"), ("eval", "first_eval"), ("eval", None), ("eval", None),
                               ("eval", "eval")):
                 t = time.perf_counter()
