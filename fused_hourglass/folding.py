@@ -99,10 +99,13 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return s, t
 
 
+def _tracks_running_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.running_mean is not None and bn.running_var is not None
+
+
 def _running_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
     """Every BatchNorm of `model` with running statistics, in module order."""
-    return [m for m in model.modules()
-            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None]
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and _tracks_running_stats(m)]
 
 
 def _affine_arrays(bns: list[nn.BatchNorm2d]) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
@@ -165,8 +168,12 @@ def bn_scale_shift(bn: nn.BatchNorm2d, u_dtype: torch.dtype,
     """The eval-mode (scale, shift) of `bn` for `bn_relu_apply` on u of `u_dtype` (float64 for float64 u, else
     float32: the statistics dtype). `affine`: bn's (s, t) when already computed."""
     s, t = _bn_affine(bn) if affine is None else affine
-    stats = torch.float64 if u_dtype == torch.float64 else torch.float32
+    stats = _stats_dtype(u_dtype)
     return s.to(stats), t.to(stats)
+
+
+def _stats_dtype(u_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if u_dtype == torch.float64 else torch.float32
 
 
 def _tensor_key(t: torch.Tensor | None):
@@ -184,6 +191,16 @@ def _recipe_sources(recipe: tuple) -> tuple[tuple, tuple]:
     if bn is None:
         return (conv.weight, conv.bias), ()
     return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var), (bn.eps,)
+
+
+def _sources_key(recipe: tuple) -> tuple[tuple, tuple | None]:
+    """(the recipe's source tensors, the key of their current state), the key None where a source is an inference
+    tensor (it keeps no version counter: nothing can be cached for it)."""
+    sources, extra = _recipe_sources(recipe)
+    try:
+        return sources, (*extra, *map(_tensor_key, sources))
+    except RuntimeError:
+        return sources, None
 
 
 def _compute(recipes: list[tuple], dtype: torch.dtype, variant: object, affines: dict
@@ -208,7 +225,7 @@ def _compute(recipes: list[tuple], dtype: torch.dtype, variant: object, affines:
             else:
                 folded.append(i)
         if scaled:  # bn_scale_shift's casts, on the concatenated affines
-            stats = torch.float64 if dtype == torch.float64 else torch.float32
+            stats = _stats_dtype(dtype)
             sizes = [affines[recipes[i][2]][0].shape[0] for i in scaled]
             scales, shifts = (torch.cat([affines[recipes[i][2]][k] for i in scaled]).to(stats).split(sizes)
                               for k in (0, 1))
@@ -264,16 +281,12 @@ class FoldCache:
               ) -> tuple[torch.Tensor, ...]:
         """The slot's folded tensors: `entry`'s when its key is the sources' current one, else computed and
         stored."""
-        sources, extra = _recipe_sources(recipe)
-        bn = recipe[2]
-        try:
-            key = (*extra, *map(_tensor_key, sources))
-        except RuntimeError:  # inference tensors keep no version counter: nothing can be cached for them
-            return _compute([recipe], slot[1], slot[2], {} if bn is None else affines())[0]
-        if entry is not None and entry[0] == key:
+        sources, key = _sources_key(recipe)
+        if key is not None and entry is not None and entry[0] == key:
             return entry[2]
-        value = _compute([recipe], slot[1], slot[2], {} if bn is None else affines())[0]
-        self.store(slot, key, sources, value)
+        value = _compute([recipe], slot[1], slot[2], {} if recipe[2] is None else affines())[0]
+        if key is not None:
+            self.store(slot, key, sources, value)
         return value
 
     def store(self, slot: tuple, key: tuple | None, sources: tuple, value: tuple[torch.Tensor, ...]) -> None:
@@ -536,20 +549,17 @@ class _Plan:
             if trusted and entry is not None:
                 values[slot] = entry[2]
                 continue
-            sources, extra = _recipe_sources(recipe)
-            slot_key = None  # released by a training forward: refolded, with no key to build
-            if entry is not None:
-                try:
-                    slot_key = (*extra, *map(_tensor_key, sources))
-                except RuntimeError:  # an inference tensor (a parametrization's output under inference_mode)
-                    slot_key = None
-                if slot_key is not None and entry[0] == slot_key:
-                    values[slot] = entry[2]
-                    continue
+            if entry is None:  # released by a training forward: refolded, with no key to build
+                todo.append((slot, recipe, None, _recipe_sources(recipe)[0]))
+                continue
+            sources, slot_key = _sources_key(recipe)  # None for an inference tensor (a parametrization's output)
+            if slot_key is not None and entry[0] == slot_key:
+                values[slot] = entry[2]
+                continue
             todo.append((slot, recipe, slot_key, sources))
         if todo:
             dtype, variant = self.kind
-            bns = [bn for bn in self.bns if bn.running_mean is not None and bn.running_var is not None]
+            bns = [bn for bn in self.bns if _tracks_running_stats(bn)]
             computed = _compute([recipe for _, recipe, _, _ in todo], dtype, variant, _affines_of(bns))
             for (slot, _, slot_key, sources), value in zip(todo, computed, strict=True):
                 # An entry stored without a key serves forwards under this model key (they trust the cache) and
