@@ -6,11 +6,14 @@ then rounded to the convolution's dtype). Folded: the stem Conv's BN, each Resid
 conv2), each stack's feature Conv's BN. bn1 has no convolution before it (and a ReLU between it and the next): it
 stays one `bn_relu_apply` pass. What follows a folded convolution, its ReLU, and the residual and merge additions run
 inside the convolution as oneDNN post-ops (`torch.ops.mkldnn._convolution_pointwise`, "relu" and binary "add") on the
-CPU in float32 (and bfloat16 where oneDNN supports it) for planes of at least POST_OP_MIN_POSITIONS positions;
-elsewhere (small planes, float64, CUDA, a torch without those ops) as the convolution followed by an in-place ReLU or
-add, and a 1×1 one of a small channels_last plane on the CPU as one matrix product (`torch.addmm`). A residual or
-merge addition writes its sum into the skip tensor (`_convolution_pointwise_`), and every intermediate is freed at
-its last use: the forward allocates and touches as little fresh memory as a compiled graph.
+CPU in float32 (and bfloat16 where oneDNN supports it); elsewhere (float64, CUDA, a torch without those ops) as the
+convolution followed by an in-place ReLU or add. A 1×1 convolution of a small channels_last plane on the CPU is one
+matrix product (`torch.addmm`). A recorded forward (below) replays its post-op convolutions with their weights
+prepacked by oneDNN for the recorded input shape (`PREPACK`), so that no call reorders its weight, and so takes them
+on every plane; a forward that is not recorded (a model with inference tensors among its parameters and buffers)
+takes them on planes of at least POST_OP_MIN_POSITIONS positions and ATen's convolution below. A residual or merge
+addition writes its sum into the skip tensor (`_convolution_pointwise_`), and every intermediate is freed at its last
+use: the forward allocates and touches as little fresh memory as a compiled graph.
 
 The folded tensors are cached on the model per layer and compute dtype, under a key of every source tensor's
 data_ptr, version counter, dtype, device and strides (the cache keeps the source storages alive, so an address is
@@ -28,8 +31,9 @@ dropped after its last use, with no module walk or cache lookup per layer (about
 When only tensors changed since (a training step, `load_state_dict`, an in-place write), not the modules or their
 attributes, the next forward refreshes the recording instead: the layers whose keys changed refold together (every
 BatchNorm affine in one batch, each weight one multiply) and the recording replays with them, bit for bit what a
-forward that folds from scratch gives. A training-mode forward drops the folded tensors (stale after the step) and
-keeps the recordings without them.
+forward that folds from scratch gives. A recording prepacks its weights at its first replay on unchanged weights: a
+refreshed one replays with the plain weights once (an eval after every training step does not pay for packing). A
+training-mode forward drops the folded tensors (stale after the step) and keeps the recordings without them.
 
 `StackedHourglass` takes this path on the fused backend in eval mode when no gradient is recorded (`torch.no_grad()`,
 `torch.inference_mode()`), not under torch.compile or torch.export (which trace the unfolded ops, visible as ops),
@@ -61,16 +65,26 @@ __all__ = ["applies", "forward", "fold_conv_bn", "bn_scale_shift", "fold_referen
 # oneDNN convolutions with fused post-ops (the ones Inductor emits on the CPU); None in a torch without them.
 _POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 _POINTWISE_INPLACE = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
-# Below this many input positions (N·H·W) a convolution takes ATen's path and an in-place ReLU or add instead: the
-# post-op convolution costs about 30 µs more per call there (measured on 2 cores: a 1×1 128→64 convolution with
-# ReLU of a 4×4×4 batch, 0.048 ms against 0.019 ms), while from 32×32×4 on it is as fast or faster.
+# oneDNN's weight reorder (the prepacking that Inductor's freezing does): a weight in the blocked layout that a
+# convolution of a given channels_last input shape reads, so that the call does not reorder it each time.
+_PACK = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
+# A recorded forward (every forward but the first of an input shape) replays its post-op convolutions with their
+# weights prepacked: reordered once into the blocked layout that oneDNN's kernel for that input shape reads, which a
+# call on a plain weight does on every call (what Inductor's freezing does for a compiled graph). Measured on 2 cores,
+# batch 4, a 3×3 64→64 convolution with ReLU in float32: 28 / 32 / 58 / 161 µs at 2×2 / 4×4 / 8×8 / 16×16 against
+# 59 / 63 / 85 / 189 µs unpacked and ATen's 57 / 54 / 81 / 187 µs; bit for bit the same output. False: never.
+PREPACK = True
+# Without prepacked weights, below this many input positions (N·H·W) a convolution takes ATen's path and an in-place
+# ReLU or add instead (the post-op convolution is then as slow or slower: the figures above), from 32×32×4 on the
+# post-op convolution.
 POST_OP_MIN_POSITIONS = 1024
+# Below this many positions a 1×1 convolution of channels_last activations on the CPU is a matrix product instead
+# (`torch.addmm`): 128→64 channels at 4×4×4, 18 µs against 27 µs prepacked in float32 (28 against 25 in bfloat16),
+# level at 4×8×8, behind from there (99 against 59 µs at 4×16×16).
+MATMUL_MAX_POSITIONS = 256
 # Recorded forwards kept per model (one per input shape, dtype and layout): a run over many shapes records each once
 # and keeps the latest.
 MAX_PLANS = 8
-# There, a 1×1 convolution of channels_last activations on the CPU is a matrix product instead (`torch.addmm`): at
-# 4×2×2 to 4×8×8 positions, 128→64 channels, 7–27 µs against oneDNN's 28–36 µs in float32 (18–23 against 28–31
-# in bfloat16), about 2 % of a (2, 128, 16) forward at 128 px.
 
 
 def pointwise_conv_available(x: torch.Tensor) -> bool:
@@ -456,6 +470,7 @@ class _Tape:
         self.nslots = 1
         self.folded = folded  # the run's: id of a folded tensor → (cache slot, index in its value, the tensor)
         self.binds: list = []  # (step, argument index, cache slot, index in its value)
+        self.packs: list = []  # (step, weight's argument index, padding, stride, dilation, groups, input shape)
 
     def _slot(self, t):
         if isinstance(t, torch.Tensor):
@@ -504,7 +519,7 @@ class _Tape:
         steps = [(fn, template, kwargs, refs, slot, tuple(frees[n]))
                  for n, (fn, template, kwargs, refs, slot) in enumerate(self.steps)]
         meta = {slot: _meta(value) for slot, value in values.items()}
-        return _Plan(steps, self.nslots, result, model_key, self.binds, recipes, meta, kind, bns)
+        return _Plan(steps, self.nslots, result, model_key, self.binds, recipes, meta, kind, bns, self.packs)
 
 
 class _Plan:
@@ -513,11 +528,22 @@ class _Plan:
     its modules or their attributes), `refresh` refolds what changed and rebinds the folded constants."""
 
     def __init__(self, steps: list, nslots: int, result: int, model_key: tuple, binds: list, recipes: dict,
-                 meta: dict, kind: tuple, bns: list) -> None:
+                 meta: dict, kind: tuple, bns: list, packs: list) -> None:
         self.steps, self.nslots, self.result, self.model_key = steps, nslots, result, model_key
         self.binds, self.recipes, self.meta, self.kind, self.bns = binds, recipes, meta, kind, bns
         self.structure = model_key[:2]  # the modules and their attributes: what the recorded ops depend on
         self.refreshes = 0
+        self.packs = packs
+        self.packed = False
+
+    def pack(self) -> None:
+        """Replace each post-op convolution's bound weight by oneDNN's prepacked copy of it for the recorded input
+        shape (the same values in the blocked layout the convolution reads: each call would reorder it otherwise)."""
+        with torch.inference_mode(False), torch.no_grad():
+            for step, index, padding, stride, dilation, groups, shape in self.packs:
+                args = self.steps[step][1]
+                args[index] = _PACK(args[index], padding, stride, dilation, groups, shape)
+        self.packed = True
 
     def replay(self, x: torch.Tensor) -> torch.Tensor:
         regs: list = [None] * self.nslots
@@ -536,6 +562,7 @@ class _Plan:
         for step, arg, _, _ in self.binds:
             self.steps[step][1][arg] = None
         self.model_key = None
+        self.packed = False
 
     def refresh(self, cache: FoldCache, key: tuple, trusted: bool) -> bool:
         """Bring the folded constants up to date with the model's tensors: each slot's cache entry, refolded where
@@ -571,6 +598,7 @@ class _Plan:
             return False
         for step, arg, slot, index in self.binds:
             self.steps[step][1][arg] = values[slot][index]
+        self.packed = False
         self.refreshes += 1
         self.model_key = key
         cache.checked[self.kind] = key  # the plan's slots are every layer that a forward of this kind folds
@@ -589,6 +617,9 @@ class _Run:
         self.format = _ext.memory_format_of(x)
         self.pointwise = pointwise_conv_available(x)
         self.matmul_1x1 = x.device.type == "cpu" and self.format == torch.channels_last
+        # a recorded forward's post-op convolutions replay with prepacked weights (`_Plan.pack`)
+        self.pack = (PREPACK and record and self.pointwise and self.format == torch.channels_last
+                     and _PACK is not None)
         self.trusted = trusted
         self.recipes: dict = {}  # cache slot → recipe, and slot → folded tensors, of every layer this run folds
         self.values: dict = {}
@@ -615,18 +646,25 @@ class _Run:
         # W' in the activations' memory format: oneDNN's post-op convolution would otherwise copy it on every call
         w, b = self.fetch(("conv", conv, bn), self.dtype, self.format)
         op = self.op
-        small = x.shape[0] * x.shape[2] * x.shape[3] < POST_OP_MIN_POSITIONS
-        if self.pointwise and not small:
+        positions = x.shape[0] * x.shape[2] * x.shape[3]
+        # unpacked, a 1×1 convolution is a matrix product on every plane that does not take the post-op one
+        matmul = (positions < (MATMUL_MAX_POSITIONS if self.pack else POST_OP_MIN_POSITIONS) and self.matmul_1x1
+                  and w.shape[2] == w.shape[3] == 1 and conv.stride == (1, 1) and conv.padding == (0, 0)
+                  and conv.groups == 1)
+        if self.pointwise and not matmul and (self.pack or positions >= POST_OP_MIN_POSITIONS):
             args = (w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
             if add is not None:
                 # the sum lands in `add`'s own memory: every caller passes an intermediate that is dead afterwards
                 add = op(torch.Tensor.contiguous, add, memory_format=self.format)
-                return op(_POINTWISE_INPLACE.binary, add, x, *args, "add", None, None, [], None)
-            return op(_POINTWISE.default, x, *args, "relu" if relu else "none", [], None)
-        if small and self.matmul_1x1 and w.shape[2] == w.shape[3] == 1 and conv.stride == (1, 1) \
-                and conv.padding == (0, 0) and conv.groups == 1:
+                y = op(_POINTWISE_INPLACE.binary, add, x, *args, "add", None, None, [], None)
+                self._packable(2, args, x)
+                return y
+            y = op(_POINTWISE.default, x, *args, "relu" if relu else "none", [], None)
+            self._packable(1, args, x)
+            return y
+        if matmul:
             # a 1×1 convolution of a channels_last plane is one matrix product of its [N·H·W, C] rows: on small
-            # planes a third to a quarter of the oneDNN call's time (its set-up dominates there)
+            # planes faster than oneDNN's call (its set-up dominates there)
             y = op(_conv1x1_as_matmul, x, w, b)
         else:
             y = op(F.conv2d, x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -635,6 +673,12 @@ class _Run:
         if add is not None:
             y = op(torch.Tensor.add_, y, add)
         return y
+
+    def _packable(self, index: int, args: tuple, x: torch.Tensor) -> None:
+        """Note the last recorded op (a post-op convolution whose weight is its argument `index`) as one whose weight
+        the recorded forward prepacks for x's shape."""
+        if self.tape is not None and self.pack:
+            self.tape.packs.append((len(self.tape.steps) - 1, index, *args[2:6], list(x.shape)))
 
     def conv_module(self, c: reference.Conv, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv(c.conv, c.bn, x, relu=c.relu is not None, add=add)
@@ -683,11 +727,13 @@ def forward(model: reference.StackedHourglass, imgs: torch.Tensor, state: tuple 
     key = (state or model_state(model))[1]
     kind = (x.dtype, _ext.memory_format_of(x))
     trusted = key is not None and cache.checked.get(kind) == key
-    plan_key = (kind, tuple(x.shape), x.device, POST_OP_MIN_POSITIONS)
+    plan_key = (kind, tuple(x.shape), x.device, PREPACK, POST_OP_MIN_POSITIONS, MATMUL_MAX_POSITIONS)
     with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         plan = cache.plans.get(plan_key) if key is not None else None
         if plan is not None:
             if plan.model_key == key and trusted:
+                if not plan.packed:
+                    plan.pack()
                 return plan.replay(x)
             # The model's tensors changed (a training step, load_state_dict, an in-place write), not its modules or
             # their attributes: refold what changed and replay, without the walk and per-layer folds of a forward.

@@ -368,32 +368,48 @@ def test_missing_running_statistics_is_a_clear_error():
     assert _unfolded(model, x).shape == (2, CONFIG[0], CONFIG[2], 16, 16)
 
 
-@pytest.mark.skipif(not folding.pointwise_conv_available(torch.empty(1)),
-                    reason="torch.ops.mkldnn._convolution_pointwise is not available in this torch")
-def test_relu_and_additions_run_as_onednn_post_ops(monkeypatch):
-    calls = {"relu": 0, "none": 0, "add": 0}
+requires_post_ops = pytest.mark.skipif(not folding.pointwise_conv_available(torch.empty(1)),
+                                       reason="torch.ops.mkldnn._convolution_pointwise is not available in this torch")
+
+
+def _count_post_ops(monkeypatch) -> dict:
+    """{post-op: calls} of oneDNN's post-op convolutions from now on, and the weights they were called with under
+    "weights"."""
+    calls = {"relu": 0, "none": 0, "add": 0, "weights": []}
     pointwise, inplace = folding._POINTWISE, folding._POINTWISE_INPLACE
 
     class Counting:
         def default(self, *args):
             calls[args[7]] += 1
+            calls["weights"].append(args[1])
             return pointwise.default(*args)
 
     class CountingInplace:  # the additions write into the skip tensor, an intermediate dead afterwards
         def binary(self, *args):
             calls[args[8]] += 1
+            calls["weights"].append(args[2])
             return inplace.binary(*args)
 
     monkeypatch.setattr(folding, "_POINTWISE", Counting())
     monkeypatch.setattr(folding, "_POINTWISE_INPLACE", CountingInplace())
+    return calls
+
+
+@requires_post_ops
+@pytest.mark.parametrize("prepack", [True, False], ids=["prepacked", "plain"])
+def test_relu_and_additions_run_as_onednn_post_ops(prepack, monkeypatch):
+    monkeypatch.setattr(folding, "PREPACK", prepack)
+    calls = _count_post_ops(monkeypatch)
     model, x = _model(), _images()
     out, _ = _folded(model, x)
-    # by default only planes of at least POST_OP_MIN_POSITIONS positions take the post-op convolutions (the stem's
-    # 2·64·64 input and the 2·32·32 stem Residuals here), the smaller ones ATen's convolution and an in-place op
-    assert 0 < sum(calls.values()) < _layers(model)
+    # by default the 1×1 convolutions of small planes are matrix products, and without prepacking the planes below
+    # POST_OP_MIN_POSITIONS positions (all but the stem's 2·64·64 input and the 2·32·32 stem Residuals here) take
+    # ATen's convolution and an in-place op
+    assert 0 < len(calls["weights"]) < _layers(model)
     _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
-    calls.update(relu=0, none=0, add=0)
-    monkeypatch.setattr(folding, "POST_OP_MIN_POSITIONS", 0)
+    calls.update(relu=0, none=0, add=0, weights=[])
+    monkeypatch.setattr(folding, "MATMUL_MAX_POSITIONS", 0)
+    monkeypatch.setattr(folding, "POST_OP_MIN_POSITIONS", 0 if not prepack else folding.POST_OP_MIN_POSITIONS)
     out, _ = _folded(model, x)
     nstack = CONFIG[0]
     residuals = sum(isinstance(m, reference.Residual) for m in model.modules())
@@ -401,8 +417,42 @@ def test_relu_and_additions_run_as_onednn_post_ops(monkeypatch):
     # relu: the stem, conv1 and conv2 of every Residual, each stack's feature Conv; add: each conv3 (the skip) and
     # the two merges between stacks; none: the used skip convolutions and each stack's output convolution
     assert calls == {"relu": 1 + 2 * residuals + nstack, "add": residuals + 2 * (nstack - 1),
-                     "none": used_skips + nstack}
+                     "none": used_skips + nstack, "weights": calls["weights"]}
     _assert_fp32_tolerance(out, _unfolded(model, x), _float64(model, x))
+
+
+@requires_post_ops
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16_autocast"])
+def test_replays_read_prepacked_weights_bit_identically(autocast, monkeypatch):
+    """The first forward of a shape records with plain weights; its first replay prepacks every post-op
+    convolution's weight and every later replay reads those: the same output bit for bit. After a change to the
+    weights the refreshed recording replays once with plain weights (the new ones), then packs them again."""
+    model, x = _model(), _images()
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    calls = _count_post_ops(monkeypatch)
+    with precision:
+        first, _ = _folded(model, x)
+    (plan,) = _plans(model).values()
+    assert calls["weights"] and not any(w.is_mkldnn for w in calls["weights"]) and not plan.packed
+    assert len(plan.packs) == len(calls["weights"])
+    for run in range(2):
+        calls["weights"] = []
+        with precision:
+            again, _ = _folded(model, x)
+        assert plan.packed and len(calls["weights"]) == len(plan.packs), run
+        assert all(w.is_mkldnn for w in calls["weights"]) and torch.equal(again, first), run
+    with torch.no_grad():
+        model.hgs[0][0].low1.conv2.conv.weight.mul_(-1.5)
+    outs = []
+    for _ in range(2):
+        calls["weights"] = []
+        with precision:
+            outs.append(_folded(model, x)[0])
+        outs.append(any(w.is_mkldnn for w in calls["weights"]))
+    assert plan.refreshes == 1 and outs[1:4:2] == [False, True]
+    assert not torch.equal(outs[0], first) and torch.equal(outs[0], outs[2])
+    with precision:
+        assert torch.equal(outs[0], _folded(_fresh_copy(model), x)[0])
 
 
 def test_autocast_bfloat16_within_the_reference_error():
@@ -490,8 +540,10 @@ def test_small_plane_1x1_convolutions_run_as_matrix_products(dtype, monkeypatch)
     model = _model().to(dtype)
     x = _images(dtype=dtype)
     out, _ = _folded(model, x)
-    # every plane of this 64 px model is below POST_OP_MIN_POSITIONS once past the stem
-    assert calls and all(n * h * w < folding.POST_OP_MIN_POSITIONS for n, _, h, w in calls)
+    # below MATMUL_MAX_POSITIONS where a recorded forward replays prepacked post-op convolutions (float32), below
+    # POST_OP_MIN_POSITIONS elsewhere (float64, which has no post-op convolutions)
+    limit = folding.MATMUL_MAX_POSITIONS if dtype == torch.float32 else folding.POST_OP_MIN_POSITIONS
+    assert calls and all(n * h * w < limit for n, _, h, w in calls)
     if dtype == torch.float64:
         torch.testing.assert_close(out, _unfolded(model, x), atol=1e-12, rtol=1e-12)
     else:

@@ -35,7 +35,7 @@ def main() -> None:
     ref = StackedHourglass(*config, backend="reference").eval()
     ref.load_state_dict(fused.state_dict())
     x = torch.randn(args.batch, 3, args.side, args.side)
-    with_post_ops = folding.POST_OP_MIN_POSITIONS
+    with_post_ops, prepack = folding.POST_OP_MIN_POSITIONS, folding.PREPACK
 
     def unfolded():
         fused.folded_inference = False
@@ -44,15 +44,18 @@ def main() -> None:
         finally:
             fused.folded_inference = True
 
-    def folded_without_post_ops():
-        folding.POST_OP_MIN_POSITIONS = 1 << 62
-        try:
-            return fused(x)
-        finally:
-            folding.POST_OP_MIN_POSITIONS = with_post_ops
+    def folded_with(min_positions: int, pack: bool):
+        def run():
+            folding.POST_OP_MIN_POSITIONS, folding.PREPACK = min_positions, pack
+            try:
+                return fused(x)
+            finally:
+                folding.POST_OP_MIN_POSITIONS, folding.PREPACK = with_post_ops, prepack
+        return run
 
     rows = {"reference eager": lambda: ref(x), "fused unfolded": unfolded, "fused folded": lambda: fused(x),
-            "fused folded, no oneDNN post-ops": folded_without_post_ops}
+            "fused folded, weights not prepacked": folded_with(with_post_ops, False),
+            "fused folded, no oneDNN post-ops": folded_with(1 << 62, False)}
     if args.compile:
         compiled = torch.compile(ref)
         start = time.perf_counter()
@@ -78,7 +81,7 @@ def main() -> None:
     base = statistics.median(cpu["reference eager"])
     for name in rows:
         c, w = cpu[name], wall[name]
-        print(f"  {name:<34} CPU time median {statistics.median(c):7.1f} ms  min {min(c):7.1f} ms "
+        print(f"  {name:<36} CPU time median {statistics.median(c):7.1f} ms  min {min(c):7.1f} ms "
               f"({base / statistics.median(c):.2f}x reference eager)   wall median {statistics.median(w):7.1f} ms  "
               f"min {min(w):7.1f} ms")
 
