@@ -13,6 +13,7 @@ import torch
 from fused_hourglass import HeatmapLoss, StackedHourglass, pose
 from fused_hourglass.data import SyntheticPoses
 from fused_hourglass.engine.config import from_preset
+from fused_hourglass.engine.train import build_optimizer
 
 DEMO = from_preset("demo", device="cpu")  # its CPU precision, whether or not CUDA is here
 _rates: dict[str, float] = {}
@@ -40,7 +41,7 @@ def test_demo_training_step(benchmark):
     torch.manual_seed(0)
     model = StackedHourglass(DEMO.nstack, DEMO.inp_dim, 16, backend=DEMO.backend)
     model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=DEMO.lr)
+    opt = build_optimizer(model, DEMO)  # the training loop's Adam
     batch = torch.utils.data.default_collate([SyntheticPoses(64, DEMO.res)[i] for i in range(DEMO.batch_size)])
     images = batch["image"].contiguous(memory_format=torch.channels_last)
     target = pose.make_heatmaps(batch["joints"] / 4, DEMO.res // 4, sigma=DEMO.sigma)

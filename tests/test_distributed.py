@@ -332,7 +332,7 @@ def test_grad_accum_equals_summed_micro_batches(tmp_path):
     from fused_hourglass import HeatmapLoss
     from fused_hourglass.engine.config import from_preset
     from fused_hourglass.engine.data import ResumableBatchSampler, make_source
-    from fused_hourglass.engine.train import build_scheduler, train
+    from fused_hourglass.engine.train import build_optimizer, build_scheduler, train
 
     config = from_preset("demo", res=64, amp=False, nstack=1, inp_dim=16, batch_size=2, grad_accum=2, train_size=32,
                          val_size=4, steps=2, workers=0, checkpoint_every=1, out=str(tmp_path / "run"), device="cpu",
@@ -344,8 +344,8 @@ def test_grad_accum_equals_summed_micro_batches(tmp_path):
     source = make_source(config)
     model = StackedHourglass(1, 16, 16, backend="reference")
     freeze_unused_skips(model)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    sched = build_scheduler(opt, config)
+    opt = build_optimizer(model, config)  # the run's Adam implementation: the conv biases ahead of training-mode
+    sched = build_scheduler(opt, config)  # BatchNorms get rounding-noise gradients, which Adam scales up
     batches = iter(ResumableBatchSampler(len(source.train_set), 2, config.seed))
     loss_fn = HeatmapLoss()
     for _ in range(2):
