@@ -15,25 +15,27 @@ takes them on planes of at least POST_OP_MIN_POSITIONS positions and ATen's conv
 addition writes its sum into the skip tensor (`_convolution_pointwise_`), and every intermediate is freed at its last
 use: the forward allocates and touches as little fresh memory as a compiled graph.
 
-The folded tensors are cached on the model per layer and compute dtype, under a key of every source tensor's
-data_ptr, version counter, dtype, device and strides (the cache keeps the source storages alive, so an address is
-never reused while its key is held): an optimizer step, `load_state_dict`, a training forward's running-statistics
-update, `with torch.no_grad(): w.mul_(2)`, `to(dtype / device / memory_format)` or a replaced parameter refolds that
-layer at the next folded forward. Writes through `.data` bypass the version counter: call `clear_cache(model)` after
-them. Each forward first takes one key of the whole model from one walk of its modules (which also finds any forward
-hook): every module, the attributes the folded path reads (eps, padding, stride, dilation, groups, need_skip) and
-every parameter's and buffer's data_ptr and version. When it equals the key at the start of the last forward of the
-same dtype and memory format, that forward checked every layer since, and the layers' own keys are not built again.
-The folded weights are kept in the activations' memory format. The first forward of an input shape records its ops
-(functions, constant arguments, which earlier output each tensor argument is, which cache entry each folded tensor
-is), and the next forwards under the same model key replay them: the same ops in the same order, each intermediate
-dropped after its last use, with no module walk or cache lookup per layer (about 1 ms of Python less per forward).
-When only tensors changed since (a training step, `load_state_dict`, an in-place write), not the modules or their
-attributes, the next forward refreshes the recording instead: the layers whose keys changed refold together (every
-BatchNorm affine in one batch, each weight one multiply) and the recording replays with them, bit for bit what a
-forward that folds from scratch gives. A recording prepacks its weights at its first replay on unchanged weights: a
-refreshed one replays with the plain weights once (an eval after every training step does not pay for packing). A
-training-mode forward drops the folded tensors (stale after the step) and keeps the recordings without them.
+The folded tensors are cached on the model per layer and compute dtype, under a key of every source tensor's data_ptr,
+version counter, dtype, device and strides (the cache keeps the source storages alive, so an address is never reused
+while its key is held): an optimizer step, `load_state_dict`, a training forward's running-statistics update, `with
+torch.no_grad(): w.mul_(2)`, `to(dtype / device / memory_format)` or a replaced parameter refolds that layer at the next
+folded forward. A step of a torch.optim optimizer that holds one of the model's parameters drops the folded tensors (a
+global step hook: the fused optimizers write without bumping version counters). Writes through `.data` bypass the
+version counter: call `clear_cache(model)` after them. Each forward first takes one key of the whole model from one walk
+of its modules (which also finds any forward hook): every module, the attributes the folded path reads (eps, padding,
+stride, dilation, groups, need_skip) and every parameter's and buffer's data_ptr and version (the key holds those
+tensors, so no address in it is reused while it is held). When it equals the key at the start of the last forward of the
+same dtype and memory format, that forward checked every layer since, and the layers' own keys are not built again. The
+folded weights are kept in the activations' memory format. The first forward of an input shape records its ops
+(functions, constant arguments, which earlier output each tensor argument is, which cache entry each folded tensor is),
+and the next forwards under the same model key replay them: the same ops in the same order, each intermediate dropped
+after its last use, with no module walk or cache lookup per layer (about 1 ms of Python less per forward). When only
+tensors changed since (a training step, `load_state_dict`, an in-place write), not the modules or their attributes, the
+next forward refreshes the recording instead: the layers whose keys changed refold together (every BatchNorm affine in
+one batch, each weight one multiply) and the recording replays with them, bit for bit what a forward that folds from
+scratch gives. A recording prepacks its weights at its first replay on unchanged weights: a refreshed one replays with
+the plain weights once (an eval after every training step does not pay for packing). A training-mode forward drops the
+folded tensors (stale after the step) and keeps the recordings without them.
 
 `StackedHourglass` takes this path on the fused backend in eval mode when no gradient is recorded (`torch.no_grad()`,
 `torch.inference_mode()`), not under torch.compile or torch.export (which trace the unfolded ops, visible as ops),
@@ -55,6 +57,7 @@ from itertools import chain
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _ext, ops, reference
 from .checkpoint import infer_config
@@ -68,9 +71,10 @@ _POINTWISE_INPLACE = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
 # oneDNN's weight reorder (the prepacking that Inductor's freezing does): a weight in the blocked layout that a
 # convolution of a given channels_last input shape reads, so that the call does not reorder it each time.
 _PACK = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
-# A recorded forward (every forward but the first of an input shape) replays its post-op convolutions with their
-# weights prepacked: reordered once into the blocked layout that oneDNN's kernel for that input shape reads, which a
-# call on a plain weight does on every call (what Inductor's freezing does for a compiled graph). Measured on 2 cores,
+# A recorded forward replays its post-op convolutions with their weights prepacked (from its first replay on weights
+# that did not change since it was recorded or refreshed): reordered once into the blocked layout that oneDNN's
+# kernel for that input shape reads, which a call on a plain weight does on every call (what Inductor's freezing
+# does for a compiled graph). Each recording holds its own packed copy of the weights. Measured on 2 cores,
 # batch 4, a 3×3 64→64 convolution with ReLU in float32: 28 / 32 / 58 / 161 µs at 2×2 / 4×4 / 8×8 / 16×16 against
 # 59 / 63 / 85 / 189 µs unpacked and ATen's 57 / 54 / 81 / 187 µs; bit for bit the same output. False: never.
 PREPACK = True
@@ -269,9 +273,9 @@ class FoldCache:
         # per kind of run (compute dtype, memory format): the model_state key at the start of its last forward,
         # after which every entry of that kind was checked against its own key
         self.checked: dict = {}
-        # per (kind of run, input shape, device, post-op threshold): the ops of a forward, replayed while the
-        # model's key is the one they were recorded under, and refreshed (refolded and rebound) after a change
-        # to the model's tensors
+        # per (kind of run, input shape, device, PREPACK and the two plane thresholds): the ops of a forward,
+        # replayed while the model's key is the one they were recorded under, and refreshed (refolded and rebound)
+        # after a change to the model's tensors
         self.plans: dict = {}
 
     def __reduce__(self):
@@ -310,12 +314,40 @@ class FoldCache:
         self.entries[slot] = (key, storages, value)
 
 
+# The models that have held a fold cache, for the optimizer step hook below.
+_MODELS_WITH_CACHE: weakref.WeakSet = weakref.WeakSet()
+
+
 def _cache(model: nn.Module) -> FoldCache:
     cache = model.__dict__.get("_fold_cache")
     if cache is None:
         cache = FoldCache()
         model.__dict__["_fold_cache"] = cache
+        _MODELS_WITH_CACHE.add(model)
     return cache
+
+
+def _holds_folded_tensors(cache: FoldCache) -> bool:
+    return bool(cache.entries) or any(plan.model_key is not None for plan in cache.plans.values())
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any torch.optim optimizer's step: `release` every model that holds folded tensors and shares a parameter
+    with the optimizer. The fused optimizers (`fused=True` Adam, AdamW, SGD) write the parameters without bumping
+    their version counters, which the cache keys rely on. A training forward has usually released the model already,
+    and then this costs one look at its cache."""
+    ids = None
+    for model in list(_MODELS_WITH_CACHE):
+        cache = model.__dict__.get("_fold_cache")
+        if cache is None or not _holds_folded_tensors(cache):
+            continue
+        if ids is None:
+            ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(p) in ids for p in model.parameters()):
+            release(model)
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def clear_cache(model: nn.Module) -> None:
@@ -422,7 +454,16 @@ def model_state(model: nn.Module) -> tuple[bool, tuple | None]:
         versions = list(map(_version, tensors))
     except RuntimeError:  # an inference tensor keeps no version counter
         return False, None
-    return False, (modules, attributes, list(map(torch.Tensor.data_ptr, tensors)), versions)
+    key = _ModelKey((modules, attributes, list(map(torch.Tensor.data_ptr, tensors)), versions))
+    key.tensors = tensors
+    return False, key
+
+
+class _ModelKey(tuple):
+    """A model key (compared as the tuple it is) that holds the tensors whose addresses it names, so that no other
+    tensor can take one of those addresses while anything (a recording, the cache's last checked key) holds the key:
+    a parameter replaced and freed would otherwise let a new one land at its address with the same version count
+    and pass for it."""
 
 
 def may_apply(model: nn.Module, backend: str) -> bool:
@@ -542,7 +583,8 @@ class _Plan:
         with torch.inference_mode(False), torch.no_grad():
             for step, index, padding, stride, dilation, groups, shape in self.packs:
                 args = self.steps[step][1]
-                args[index] = _PACK(args[index], padding, stride, dilation, groups, shape)
+                if not args[index].is_mkldnn:  # (packed already by a pack that was cut short, or another thread)
+                    args[index] = _PACK(args[index], padding, stride, dilation, groups, shape)
         self.packed = True
 
     def replay(self, x: torch.Tensor) -> torch.Tensor:

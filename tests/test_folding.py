@@ -719,3 +719,78 @@ def test_recorded_forwards_are_capped(monkeypatch):
     for batch in (1, 2, 3):
         _assert_fp32_tolerance(_folded(model, _images(batch))[0], _unfolded(model, _images(batch)),
                                _float64(model, _images(batch)))
+
+
+@pytest.mark.parametrize("optimizer", ["adam_fused", "sgd_fused", "adam"])
+def test_an_optimizer_step_is_never_missed(optimizer):
+    """The fused optimizers write the parameters without bumping their version counters: a folded forward after
+    their step (with no training forward since the last folded one, e.g. a prediction logged between backward and
+    step) still sees the new weights, through the optimizer step hook that releases the model's folded tensors."""
+    model, x = _model(), _images()
+    make = {"adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+            "sgd_fused": lambda p: torch.optim.SGD(p, lr=1e-1, fused=True),
+            "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}[optimizer]
+    opt = make(model.parameters())
+    other = make(_model().parameters())  # another model's optimizer leaves this one's folded tensors alone
+    model.train()
+    model(x).square().mean().backward()
+    model.eval()
+    before, _ = _folded(model, x)
+    _folded(model, x)
+    for p in other.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    other.step()
+    assert _folded(model, x)[1] == 0 and model.__dict__["_fold_cache"].entries
+    version = model.pre[0].conv.weight._version
+    opt.step()
+    if optimizer != "adam":
+        assert model.pre[0].conv.weight._version == version  # the case the hook is for
+    after, _ = _folded(model, x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _folded(_fresh_copy(model), x)[0])
+    assert torch.equal(_folded(model, x)[0], after)
+    _assert_fp32_tolerance(after, _unfolded(model, x), _float64(model, x))
+
+
+def test_a_held_model_key_keeps_its_tensors_alive():
+    """A recording's model key names every parameter's address: it holds those tensors, so that a parameter replaced
+    (and refolded by another shape's forward) cannot be freed and its address taken by a new parameter with the same
+    version count, which would pass for the old one and replay its folded weights."""
+    import gc
+    import weakref
+
+    model, small, large = _model(), _images(1), _images(2)
+    for x in (small, large, small, large):
+        _folded(model, x)
+    conv = model.hgs[0][0].low3.conv2.conv
+    old = weakref.ref(conv.weight)
+    conv.weight = nn.Parameter(torch.randn_like(conv.weight))
+    _folded(model, small)  # this shape refreshes and refolds the layer; the other shape's recording still names `old`
+    gc.collect()
+    assert old() is not None
+    _assert_fp32_tolerance(_folded(model, large)[0], _unfolded(model, large), _float64(model, large))
+
+
+@requires_post_ops
+def test_packing_cut_short_resumes(monkeypatch):
+    """A pack interrupted part-way (Ctrl-C in the first replay) leaves some weights packed: the next forward packs
+    the rest and replays, the same output bit for bit."""
+    model, x = _model(), _images()
+    first, _ = _folded(model, x)
+    (plan,) = _plans(model).values()
+    pack, calls = folding._PACK, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return pack(*args)
+
+    monkeypatch.setattr(folding, "_PACK", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _folded(model, x)
+    assert not plan.packed
+    monkeypatch.setattr(folding, "_PACK", pack)
+    assert torch.equal(_folded(model, x)[0], first) and plan.packed
+    plan.pack()  # packing again changes nothing
+    assert torch.equal(_folded(model, x)[0], first)
