@@ -88,6 +88,27 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, amp):
             assert torch.equal(group_a[key], group_b[key])
 
 
+def test_runs_train_with_fused_adam_and_resume_with_the_saved_choice(tmp_path):
+    """The loop's Adam is the fused implementation on the CPU, its checkpoints say so, and a checkpoint saved by the
+    per-parameter loop (fused unset) resumes with that loop, as torch's load_state_dict restores it."""
+    from fused_hourglass.engine.train import build_optimizer
+
+    config = tiny(tmp_path, "run", steps=2, val_every=100, checkpoint_every=1, schedule="step")
+    opt = build_optimizer(StackedHourglass(1, 16, 16), config)
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["fused"] is True
+    train(config, progress=False)
+    path = sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"))[-1]
+    saved = torch.load(path, weights_only=True)
+    assert all(group["fused"] is True for group in saved["optimizer"]["param_groups"])
+    for group in saved["optimizer"]["param_groups"]:
+        group["fused"] = None
+    torch.save(saved, path)
+    resumed = train(None, resume=str(tmp_path / "run"), overrides={"steps": 3}, progress=False)
+    assert resumed["status"] == "finished" and resumed["step"] == 3
+    latest = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+    assert all(group["fused"] is None for group in latest["optimizer"]["param_groups"])
+
+
 def test_resume_log_drops_rows_after_the_checkpoint(tmp_path):
     """A run that died after its last checkpoint left log rows past it; the resumed log has each step once."""
     config = tiny(tmp_path, "run", steps=4, val_every=100, checkpoint_every=2, keep_last=5)
