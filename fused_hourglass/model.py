@@ -30,6 +30,12 @@ from .ops.sync_bn import sync_active, sync_bn_relu, sync_bn_relu_conv2d
 
 BACKENDS = ("auto", "reference", "fused", "triton")
 RECOMPUTE = ("none", "conv1", "block")
+# A recompute policy applies to the Residuals whose input planes have at least this many positions (H·W); smaller
+# ones save as under "none". Their activations are a few percent of the saved bytes, while a recomputing Residual
+# costs a fixed 0.1–0.2 ms more per step whatever its plane (the Python autograd Function of the chain and a small
+# plane's convolution set-up): at (2, 128, 16), 128 px, batch 4, "conv1" recomputing on every plane took 1.17× the
+# "none" step and 1.08× from 32×32 on (in-process A/B on two cores).
+RECOMPUTE_MIN_PLANE = 32 * 32
 _FUSED_OPS = ("upsample_add", "bn_relu_forward", "max_pool2x2")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the Triton conv kernels' (no float64)
 
@@ -93,8 +99,9 @@ class Residual(reference.Residual):
 
     `recompute` (set by StackedHourglass) is the fused backend's memory policy when autograd records: "none" saves
     the three BatchNorm inputs (x, conv1's and conv2's outputs), "conv1" recomputes conv1's output from x in backward
-    (`bn_relu_conv_chain` over steps 1–2), "block" recomputes conv1's and conv2's outputs, keeping only x. The
-    triton, reference and synchronised-BatchNorm (`_synced`) paths save as they always do."""
+    (`bn_relu_conv_chain` over steps 1–2), "block" recomputes conv1's and conv2's outputs, keeping only x, on planes
+    of at least RECOMPUTE_MIN_PLANE positions (smaller ones save as "none"). The triton, reference and
+    synchronised-BatchNorm (`_synced`) paths save as they always do."""
 
     mode = "reference"
     sync = None
@@ -108,7 +115,7 @@ class Residual(reference.Residual):
         if self.mode == "reference":
             return super().forward(x)
         residual = self.skip_layer(x) if self.need_skip else x
-        if self.recompute != "none" and torch.is_grad_enabled():
+        if self.recompute != "none" and torch.is_grad_enabled() and x.shape[2] * x.shape[3] >= RECOMPUTE_MIN_PLANE:
             steps = [_conv_step(self.bn1, self.conv1.conv), _conv_step(self.bn2, self.conv2.conv),
                      _conv_step(self.bn3, self.conv3.conv)]
             if self.recompute == "block":
@@ -188,15 +195,15 @@ class StackedHourglass(reference.StackedHourglass):
             then run as the fused backend's (the Triton chain keeps its statistics on the device).
         recompute: the fused backend's memory policy in training, "none" (default), "conv1" or "block": what each
             Residual saves for backward (see `Residual`). "none" keeps x, conv1's and conv2's outputs; "conv1"
-            recomputes conv1's 1×1 output from x in backward (one more 1×1 convolution); "block" recomputes conv1's
-            and conv2's outputs from x, keeping only x. Under both, each stack's head (its 1×1 feature convolution,
-            BatchNorm and ReLU, then the prediction and merge convolutions) keeps only its input too, recomputing
-            the feature convolution's output. At (8, 256, 16), 256 px: 325, 208 and 153 MiB per image, against the
-            eager reference's 564. Outputs, gradients and running statistics are the same under every policy (the
-            recompute normalises with the forward's batch statistics and updates nothing).
-            With a policy other than "none", "auto" picks "fused" over "triton" for training; the triton and
-            reference backends, and synchronised BatchNorm across processes, save as with "none". May be changed
-            later through the `recompute` attribute.
+            recomputes conv1's 1×1 output from x in backward (one more 1×1 convolution); "block" recomputes conv1's and
+            conv2's outputs from x, keeping only x; both on the Residuals whose planes have at least RECOMPUTE_MIN_PLANE
+            (32×32) positions, the smaller ones saving as "none". Under both, each stack's head (its 1×1 feature
+            convolution, BatchNorm and ReLU, then the prediction and merge convolutions) keeps only its input too,
+            recomputing the feature convolution's output. At (8, 256, 16), 256 px: 325, 212 and 161 MiB per image,
+            against the eager reference's 564. Outputs, gradients and running statistics are the same under every policy
+            (the recompute normalises with the forward's batch statistics and updates nothing). With a policy other than
+            "none", "auto" picks "fused" over "triton" for training; the triton and reference backends, and synchronised
+            BatchNorm across processes, save as with "none". May be changed later through the `recompute` attribute.
     Input [B, 3, H, W] with H, W multiples of 64; output [B, nstack, oup_dim, H/4, W/4].
 
     In eval mode without gradients (`torch.no_grad()`, `torch.inference_mode()`) the fused backend runs the folded

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_hourglass import HeatmapLoss, StackedHourglass, model_bench, reference
+from fused_hourglass import model as fh_model
 from fused_hourglass.model import RECOMPUTE, Residual
 from fused_hourglass.ops.recompute import ConvStep, bn_relu_conv_chain
 
@@ -19,6 +20,13 @@ from .test_autocast import _batch as autocast_batch
 from .test_autocast import _compare_models as compare_models
 
 pytestmark = requires_extension
+
+
+@pytest.fixture(autouse=True)
+def _every_plane(monkeypatch):
+    """The policies on every Residual: this file's 64 px images have no plane of RECOMPUTE_MIN_PLANE positions past
+    the stem. `test_small_planes_save_as_none` checks the default threshold."""
+    monkeypatch.setattr(fh_model, "RECOMPUTE_MIN_PLANE", 0)
 
 CONFIG = (2, 16, 4)  # nstack, inp_dim, oup_dim: skip convolutions in the stem, merges between the two stacks
 
@@ -127,12 +135,12 @@ def _saved_bytes(model, x):
     return model_bench.saved_bytes(model, x)
 
 
-def _expected_bytes(model, x, recompute):
+def _expected_bytes(model, x, recompute, min_plane=0):
     """What the fused model saves, from the shapes alone (itemsize s; per-channel vectors in the same dtype here):
     - stem convolution + bn_relu: the image, the convolution's output u, 4 vectors (scale, shift, mean, invstd);
     - each Residual: its input x (shared with the skip convolution and, in an hourglass, with the pool), 4 vectors
       per BatchNorm, and the BatchNorm inputs the policy keeps: conv1's and conv2's outputs ("none"), conv2's
-      ("conv1"), none ("block");
+      ("conv1"), none ("block"), on planes of at least `min_plane` positions (both, as "none", below);
     - the stem's pool: its input (the hourglass pools' inputs are their up1's);
     - each stack's head: the feature convolution's input h and 4 vectors, plus ("none") that convolution's output u
       and the ReLU output r the prediction and merge convolutions keep; the merge_preds convolution's input; under
@@ -152,7 +160,8 @@ def _expected_bytes(model, x, recompute):
     for m, (_, cin, h, w) in shapes:
         mid = m.conv1.conv.out_channels
         total += n * cin * h * w * s + 4 * (cin + 2 * mid) * s
-        total += {"none": 2, "conv1": 1, "block": 0}[recompute] * n * mid * h * w * s
+        policy = recompute if h * w >= min_plane else "none"
+        total += {"none": 2, "conv1": 1, "block": 0}[policy] * n * mid * h * w * s
     nstack, inp_dim, oup_dim = CONFIG
     head = n * inp_dim * (side // 4) ** 2 * s
     total += nstack * (head * (3 if recompute == "none" else 1) + 4 * inp_dim * s)
@@ -171,6 +180,26 @@ def test_saved_bytes_exactly(recompute):
     # what each policy drops, in activations of the BatchNorm inputs it recomputes
     if recompute != "none":
         assert expected < _expected_bytes(fused, x, "none")
+
+
+@pytest.mark.parametrize("recompute", ["conv1", "block"])
+def test_small_planes_save_as_none(recompute, monkeypatch):
+    """With the default threshold the Residuals of planes under RECOMPUTE_MIN_PLANE positions save as "none": here
+    (128 px, a 32×32 hourglass top) the stem's and the top level's Residuals recompute, the lower levels do not; the
+    gradients are those of the reference all the same."""
+    monkeypatch.setattr(fh_model, "RECOMPUTE_MIN_PLANE", 32 * 32)
+    fused, ref = _models(recompute)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 3, 128, 128, generator=g, dtype=torch.float64)
+    target = torch.rand(1, CONFIG[2], 32, 32, generator=g, dtype=torch.float64)
+    expected = _expected_bytes(fused, x, recompute, min_plane=32 * 32)
+    assert _saved_bytes(fused, x) == expected
+    assert _expected_bytes(fused, x, recompute) < expected < _expected_bytes(fused, x, "none")
+    got, want = _step(fused, x, target), _step(ref, x, target)
+    for name, a, b in (("output", got[0], want[0]), ("input grad", got[1], want[1])):
+        _close64(a, b, name)
+    for n in want[2]:
+        _close64(got[2][n], want[2][n], n)
 
 
 def test_recomputing_policies_save_less_than_eager():
